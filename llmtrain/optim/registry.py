@@ -1,0 +1,13 @@
+"""name -> optimizer class. Each entry is a torch.optim.Optimizer subclass in its own module."""
+
+from __future__ import annotations
+
+import torch
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {}
+
+# --- core registry (issue 6) ---------------------------------------------------------------
+# (entries added here)
+
+# --- completed registry (issue 11) ---------------------------------------------------------
+# (entries added here)
