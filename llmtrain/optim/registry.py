@@ -10,4 +10,10 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {}
 # (entries added here)
 
 # --- completed registry (issue 11) ---------------------------------------------------------
-# (entries added here)
+from llmtrain.optim.adam_variants import Adamax, NAdam, RAdam  # noqa: E402
+
+OPTIMIZERS.update({
+    "nadam": NAdam,
+    "radam": RAdam,
+    "adamax": Adamax,
+})
