@@ -1,0 +1,198 @@
+"""Hydra entry point: compose -> validate -> Trainer(cfg).fit().
+
+Hydra prints its own multi-line errors (exit 1) for a bad override. Users get one line and exit
+code 2 instead: every override is composed once up front with Hydra's compose API (each
+combination of a multirun sweep), and composition errors are translated to ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from llmtrain.errors import ConfigError, UserError, choices
+
+
+def config_dir() -> Path:
+    """configs/ beside the package (editable / source checkout) unless LLMTRAIN_CONFIG_DIR says otherwise."""
+    path = Path(os.environ.get("LLMTRAIN_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
+    if not (path / "train.yaml").is_file():
+        raise ConfigError("LLMTRAIN_CONFIG_DIR", f"no train.yaml in {path}; point it at llmtrain's configs/ folder")
+    return path
+
+
+def register_schema() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    from llmtrain.config import RootConfig
+
+    ConfigStore.instance().store(name="llmtrain_schema", node=RootConfig)
+
+
+def _group_options(group: str) -> list[str]:
+    folder = config_dir() / group
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def _schema_keys(dotted: str) -> list[str]:
+    """Field names one level under ``dotted`` in the schema (for 'unknown key' messages)."""
+    import dataclasses
+
+    from llmtrain.config import RootConfig
+
+    node = RootConfig
+    for part in dotted.split(".")[:-1]:
+        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if part not in fields:
+            return []
+        node = fields[part].type if not isinstance(fields[part].type, str) else _resolve_type(node, part)
+        if node is None:
+            return []
+    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+
+
+def _resolve_type(owner, field_name: str):
+    import typing
+
+    try:
+        hint = typing.get_type_hints(owner)[field_name]
+    except Exception:
+        return None
+    return hint if isinstance(hint, type) else None
+
+
+def translate_compose_error(err: BaseException) -> ConfigError:
+    """Turn a Hydra/OmegaConf composition error into one ConfigError line."""
+    text = str(err)
+    missing = re.search(r"Could not find '([^'/]+)/([^']+)'", text)
+    if missing:
+        group, option = missing.groups()
+        return ConfigError(group, f"no config {option!r} in configs/{group}/; expected {choices(_group_options(group))}")
+    override = re.search(r"Could not (?:override|append to config)[^']*'([^']+)'", text)
+    key = override.group(1) if override else ""
+    full_key = re.search(r"full_key: (\S+)", text)
+    key = (full_key.group(1) if full_key else key) or "config"
+    if "not in struct" in text or "Could not append" in text:
+        known = _schema_keys(key)
+        hint = f"; expected {choices(known)}" if known else ""
+        return ConfigError(key, f"unknown key{hint}")
+    cause = err.__cause__ or err
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    if "override" in first.lower() and "\n" in text:
+        first = [line for line in text.splitlines() if line.strip()][-1].strip()
+    return ConfigError(key, first)
+
+
+def compose(overrides: Sequence[str] = ()):
+    """Compose configs/train.yaml with overrides into a validated RootConfig (used by tests and tools)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from llmtrain.config import load_config
+
+    register_schema()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(config_dir()), version_base=None):
+            cfg = hydra_compose("train", overrides=list(overrides))
+    except UserError:
+        raise
+    except Exception as err:  # Hydra raises a zoo of types; all are user input errors here
+        raise translate_compose_error(err) from None
+    finally:
+        GlobalHydra.instance().clear()
+    return load_config(cfg)
+
+
+def _sweep_combinations(overrides: list[str], limit: int = 256) -> list[list[str]]:
+    """Every job's overrides in a multirun sweep (a, b=1,2 -> [[a, b=1], [a, b=2]])."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    choices_per: list[list[str]] = []
+    for o in parsed:
+        if o.is_sweep_override():
+            key = o.get_key_element()
+            choices_per.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+        else:
+            choices_per.append([o.input_line])
+    combos = list(itertools.islice(itertools.product(*choices_per), limit))
+    return [list(c) for c in combos]
+
+
+def prevalidate(argv: Sequence[str]) -> None:
+    """Compose every job of the command line once so a mistake fails before Hydra starts."""
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    overrides = [a for a in argv if not a.startswith("-")]
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
+        return  # Hydra's own flags (--help, --cfg, -cn ...): let Hydra handle them
+    if multirun:
+        try:
+            jobs = _sweep_combinations(overrides)
+        except Exception as err:
+            raise translate_compose_error(err) from None
+    else:
+        jobs = [overrides]
+    for job in jobs:
+        compose(job)
+
+
+def _fail(err: UserError) -> None:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(err.exit_code)
+
+
+def run_job(cfg_node) -> Optional[dict]:
+    """One Hydra job: validate, then plan (dry_run) or train."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from llmtrain.config import load_config
+
+    cfg = load_config(cfg_node)
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else Path(HydraConfig.get().runtime.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.dry_run:
+        from llmtrain.plan import run_dry_run
+
+        return run_dry_run(cfg, str(run_dir))
+    from llmtrain.trainer import Trainer
+
+    resolved = OmegaConf.to_container(cfg_node, resolve=True)
+    return Trainer(cfg, run_dir, resolved_config=resolved).fit()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    import hydra
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        register_schema()
+        prevalidate(argv)
+        path = config_dir()
+    except UserError as err:
+        _fail(err)
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+
+    @hydra.main(config_path=str(path), config_name="train", version_base=None)
+    def _task(cfg_node):
+        try:
+            return run_job(cfg_node)
+        except UserError as err:
+            if not multirun:
+                _fail(err)
+            # In a sweep one bad job is recorded and the sweep goes on (the report lists it).
+            print(f"error: {err}", file=sys.stderr)
+            return None
+
+    sys.argv = [sys.argv[0], *argv]
+    _task()
+
+
+if __name__ == "__main__":
+    main()
