@@ -1,0 +1,72 @@
+"""Helpers shared by the optimizer modules: ``impl`` resolution, lazy kernels, state initialisation."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable, Iterable
+
+import torch
+
+from llmtrain.errors import ConfigError, choices
+
+IMPLS = ("auto", "triton", "fused", "foreach", "eager")
+
+
+def triton_runnable() -> bool:
+    """Triton kernels run on CUDA, or on CPU under the interpreter (TRITON_INTERPRET=1)."""
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_impl(impl: str, *, name: str, has_fused: bool, has_triton: bool) -> str:
+    """Turn the user's ``impl`` into the path ``step()`` takes; ``auto`` picks fused, else foreach.
+
+    ``fused`` means torch's own fused kernel (``torch._fused_adamw_``), available on CPU and CUDA;
+    ``triton`` means llmtrain's kernel in ``llmtrain.optim.kernels``.
+    """
+    allowed = [i for i in IMPLS if (i != "fused" or has_fused) and (i != "triton" or has_triton)]
+    if impl not in allowed:
+        raise ConfigError("optim.impl", f"got {impl!r} for {name}, expected {choices(allowed)}")
+    if impl == "triton" and not triton_runnable():
+        raise ConfigError("optim.impl", "triton needs a CUDA GPU (or TRITON_INTERPRET=1 to run the kernel on CPU)")
+    if impl == "auto":
+        return "fused" if has_fused else "foreach"
+    return impl
+
+
+def load_kernel(module: str, function: str) -> Callable:
+    """Import ``llmtrain.optim.kernels.<module>.<function>`` lazily (Triton is optional)."""
+    try:
+        return getattr(importlib.import_module(f"llmtrain.optim.kernels.{module}"), function)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(
+            "optim.impl", f"triton kernel llmtrain.optim.kernels.{module}.{function} is unavailable ({err}); use impl=auto"
+        ) from None
+
+
+def check_positive(name: str, value: float, *, allow_zero: bool = True) -> None:
+    """torch.optim convention: invalid hyperparameters raise ValueError("Invalid <name>: <value>")."""
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"Invalid {name}: {value}")
+
+
+def check_betas(betas: Iterable[float], count: int = 2) -> None:
+    betas = tuple(betas)
+    if len(betas) != count or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"Invalid betas: {betas} (expected {count} values in [0, 1))")
+
+
+def step_tensor(state: dict, param: torch.Tensor) -> torch.Tensor:
+    """The per-parameter step counter as a float32 0-dim tensor on the parameter's device.
+
+    Fused kernels (torch's and ours) read the step from the device; a checkpoint loaded onto
+    another device may bring it back on the CPU, so it is moved here when needed.
+    """
+    step = state.get("step")
+    if step is None:
+        step = state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+    elif not isinstance(step, torch.Tensor):
+        step = state["step"] = torch.tensor(float(step), dtype=torch.float32, device=param.device)
+    elif step.device != param.device:
+        step = state["step"] = step.to(param.device, torch.float32)
+    return step
