@@ -1,0 +1,58 @@
+"""Bad input gets one line naming the key, exit code 2, and no traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from llmtrain.cli import compose
+from llmtrain.errors import ConfigError
+
+from conftest import REPO
+
+BAD = [
+    (["train.max_stepz=10"], "train.max_stepz", "max_steps"),                    # unknown key, lists the known ones
+    (["train.max_steps=ten"], "train.max_steps", "ten"),                          # wrong type
+    (["schedule.name=cosin"], "schedule.name", "cosine"),                         # outside its set
+    (["train.global_batch_size=10", "train.micro_batch_size=4"], "train.global_batch_size", "multiple of 4"),
+    (["data.sources=[{path:/no/such/file.txt}]"], "data.sources[0].path", "/no/such/file.txt"),
+    (["optim=adamx"], "optim", "adamw"),                                          # unknown config group option
+    (["optim.betaz=[0.9,0.95]"], "optim.betaz", "betas"),                          # not a hyperparameter of adamw
+    (["train.precision=fp8"], "train.precision", "bf16"),
+    (["distributed.strategy=zero4"], "distributed.strategy", "fsdp"),
+    (["model.n_heads=7"], "model.n_heads", "d_model"),
+    (["resume=/no/such/ckpt"], "resume", "/no/such/ckpt"),
+]
+
+
+@pytest.mark.parametrize("overrides,key,hint", BAD, ids=[b[1] for b in BAD])
+def test_compose_rejects(overrides, key, hint):
+    with pytest.raises(ConfigError) as info:
+        compose(overrides)
+    assert info.value.key == key
+    assert hint in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def _run(args):
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, "-m", "llmtrain", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args,key", [
+    (["schedule.name=cosin"], "schedule.name"),
+    (["train.foo=1"], "train.foo"),
+    (["-m", "optim=adamw,adamx"], "optim"),
+    (["train.global_batch_size=10", "train.micro_batch_size=4"], "train.global_batch_size"),
+])
+def test_cli_exit_2_one_line(args, key):
+    result = _run(args)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {key}")
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,45 @@
+"""Every shipped config composes and validates; the default job is the tiny_shakespeare experiment."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from llmtrain.cli import compose
+
+from conftest import REPO
+
+
+def _names(group: str) -> list[str]:
+    return sorted(p.stem for p in (REPO / "configs" / group).glob("*.yaml"))
+
+
+def test_default_job_is_tiny_shakespeare():
+    default = dataclasses.asdict(compose([]))
+    experiment = dataclasses.asdict(compose(["+experiment=tiny_shakespeare"]))
+    experiment.pop("experiment"), default.pop("experiment")
+    assert default == experiment
+
+
+@pytest.mark.parametrize("name", _names("experiment"))
+def test_experiment_composes(name):
+    cfg = compose([f"+experiment={name}"])
+    assert cfg.train.global_batch_size % cfg.train.micro_batch_size == 0
+
+
+@pytest.mark.parametrize("group", ["model", "optim", "schedule", "distributed", "logger", "data"])
+def test_group_options_compose(group):
+    names = _names(group)
+    assert names, group
+    for name in names:
+        compose([f"{group}={name}"])
+
+
+def test_llama7b_recipe():
+    cfg = compose(["+experiment=llama7b_adamw"])
+    assert cfg.model.name == "llama2_7b" and cfg.distributed.strategy == "fsdp"
+    assert cfg.optim["lr"] == 3e-4 and list(cfg.optim["betas"]) == [0.9, 0.95]
+    assert cfg.optim["eps"] == 1e-8 and cfg.optim["weight_decay"] == 0.1
+    assert cfg.train.grad_clip == 1.0 and cfg.train.precision == "bf16"
+    assert cfg.schedule.name == "cosine" and cfg.schedule.warmup_steps == 2000 and cfg.schedule.min_lr_ratio == 0.1
