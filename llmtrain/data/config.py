@@ -20,3 +20,6 @@ class DataConfig:
     on_bad_utf8: str = "skip"           # skip | error
     pad_vocab_to_multiple_of: int = 0   # 0 = model.vocab_size must match the tokenizer exactly
     seed: Optional[int] = None          # None = train.seed
+    shard_tokens: int = 100_000_000     # tokens per shard file (a new file starts after this many)
+    tokenizer_train_bytes: int = 200_000_000  # text sampled (from the start) to train the BPE
+    progress: bool = True               # tqdm bar with tokens/s while preparing

@@ -1,0 +1,108 @@
+"""``build_data``: the one call the trainer makes; prepares (or finds) the shards and wires loaders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from llmtrain.data.config import DataConfig
+from llmtrain.data.loader import EpochOrder, PackedLoader, ValBatches, WindowIndex
+from llmtrain.data.prepare import load_meta, prepare
+from llmtrain.data.shards import TokenStream, token_dtype
+from llmtrain.errors import ConfigError, DataError
+
+
+@dataclass
+class DataBundle:
+    tokenizer: Tokenizer
+    tokenizer_path: str
+    vocab_size: int
+    eos_id: int
+    train: PackedLoader
+    val: ValBatches
+    folder: Path
+    meta: dict
+
+    def val_batches(self, n: int) -> list:
+        """n validation micro-batches for this rank, identical on every call."""
+        return self.val(n)
+
+
+def _streams(folder: Path, meta: dict, split: str, dtype: np.dtype) -> list[TokenStream]:
+    streams = []
+    for src in meta["sources"]:
+        entry = src["splits"][split]
+        stream = TokenStream(folder, entry["shards"], dtype)
+        if stream.total != entry["tokens"]:
+            raise DataError(str(folder / "meta.json"), f"{src['path']} {split}: shards hold {stream.total} tokens, "
+                            f"metadata says {entry['tokens']}; delete {folder} to re-prepare")
+        streams.append(stream)
+    return streams
+
+
+def _weights(sources: list) -> Optional[list[float]]:
+    """None (natural shares) unless some source sets a weight; then unset weights count as 1."""
+    raw = [src.get("weight") if isinstance(src, dict) else None for src in sources]
+    if all(w is None for w in raw):
+        return None
+    return [1.0 if w is None else float(w) for w in raw]
+
+
+def build_data(
+    data_cfg: DataConfig, *, seq_len: int, seed: int, rank: int, world_size: int,
+    micro_batch_size: int, global_batch_size: int,
+) -> DataBundle:
+    folder = prepare(data_cfg, progress=data_cfg.progress and rank == 0)
+    meta = load_meta(folder)
+    tokenizer_path = folder / meta["tokenizer"]
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    dtype = np.dtype(meta["dtype"])
+    if vocab_size != meta["vocab_size"] or token_dtype(vocab_size) != dtype:
+        raise DataError(str(folder / "meta.json"), f"says vocab {meta['vocab_size']} ({meta['dtype']}) but "
+                        f"{tokenizer_path} has {vocab_size}; delete {folder} to re-prepare")
+
+    train_index = WindowIndex(_streams(folder, meta, "train", dtype), seq_len)
+    sources = list(data_cfg.sources)
+    weights = _weights(sources) if sources else None
+    if weights is not None:
+        for src, count in zip(meta["sources"], train_index.counts.tolist()):
+            if count == 0:
+                raise DataError(src["path"], f"has a weight but fewer than train.seq_len+1 = {seq_len + 1} training tokens")
+    if train_index.total == 0:
+        tokens = sum(s.total for s in train_index.streams)
+        raise DataError(", ".join(s["path"] for s in meta["sources"]),
+                        f"the training split has {tokens} tokens, fewer than train.seq_len+1 = {seq_len + 1}")
+    data_seed = data_cfg.seed if data_cfg.seed is not None else seed
+    order = EpochOrder(train_index.counts, weights, data_seed)
+    train = PackedLoader(
+        train_index, order, seed=data_seed, rank=rank, world_size=world_size,
+        micro_batch_size=micro_batch_size, global_batch_size=global_batch_size, num_workers=data_cfg.num_workers,
+    )
+    val_index = WindowIndex(_streams(folder, meta, "val", dtype), seq_len)
+    val = ValBatches(val_index, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size, seq_len=seq_len)
+    return DataBundle(tokenizer, str(tokenizer_path), vocab_size, meta["eos_id"], train, val, folder, meta)
+
+
+def check_vocab(model_vocab_size: int, bundle: DataBundle, pad_to_multiple_of: int = 0) -> int:
+    """The embedding size the model must have for this tokenizer.
+
+    With ``pad_to_multiple_of`` > 0 it is the tokenizer's size rounded up to that multiple (faster
+    matmuls; the extra rows are never targets) and ``model.vocab_size`` is ignored; otherwise
+    ``model.vocab_size`` must equal the tokenizer's size.
+    """
+    if pad_to_multiple_of < 0:
+        raise ConfigError("data.pad_vocab_to_multiple_of", f"got {pad_to_multiple_of}, expected >= 0")
+    if pad_to_multiple_of:
+        return -(-bundle.vocab_size // pad_to_multiple_of) * pad_to_multiple_of
+    if model_vocab_size != bundle.vocab_size:
+        raise ConfigError(
+            "model.vocab_size",
+            f"{model_vocab_size} does not match the tokenizer's {bundle.vocab_size} tokens ({bundle.tokenizer_path}); "
+            f"set model.vocab_size={bundle.vocab_size} or data.pad_vocab_to_multiple_of=64",
+        )
+    return model_vocab_size

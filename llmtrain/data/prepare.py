@@ -1,0 +1,306 @@
+"""Pre-tokenize a corpus into cached binary shards; also the ``llmtrain-data`` command.
+
+Output: ``<data.cache_dir>/<name>-<key>/`` with ``tokenizer.json``, ``meta.json`` and per source
+and split ``s<i>.<split>.<n>.bin`` token shards, each document followed by EOS. ``key`` hashes the
+sources (paths, sizes, mtimes; dataset names), the tokenizer settings and the split settings, so
+an unchanged config is a cache hit (no reading, no tokenizing) and any edited input re-prepares.
+The folder is built under a temporary name and renamed when complete, under a file lock, so
+concurrent ranks prepare once and a crash never leaves a half-written cache.
+
+Validation split: by document, per source. With fraction f, document i goes to validation when
+ceil((i+1)·f) > ceil(i·f): evenly spread, deterministic, decided while streaming, and at least one
+document when f > 0. A source with a single document instead holds out its last f of tokens.
+
+    llmtrain-data data=shakespeare data.vocab_size=2048
+    python -m llmtrain.data.prepare data.sources='[{path: corpus/*.jsonl, text_field: content}]'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from llmtrain.data.config import DataConfig
+from llmtrain.data.shards import ShardWriter, token_dtype
+from llmtrain.data.sources import BadUtf8, SourceSpec, iter_documents, resolve_sources
+from llmtrain.data.tokenizer import SPECIAL_TOKENS, eos_id_of, load_external, train_bpe
+from llmtrain.errors import ConfigError, DataError, UserError
+
+FORMAT_VERSION = 1
+BATCH_CHARS = 1 << 20  # documents are sent to workers in ~1 MB batches
+
+
+def is_val_doc(index: int, fraction: float) -> bool:
+    if fraction <= 0:
+        return False
+    return math.ceil(round((index + 1) * fraction, 9)) > math.ceil(round(index * fraction, 9))
+
+
+def cache_key(cfg: DataConfig, specs: list[SourceSpec], tokenizer_identity: str) -> str:
+    material = {
+        "format": FORMAT_VERSION,
+        "sources": [s.fingerprint() for s in specs],
+        "tokenizer": tokenizer_identity,
+        "val_fraction": cfg.val_fraction,
+        "shard_tokens": cfg.shard_tokens,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_settings(cfg: DataConfig) -> None:
+    if cfg.on_bad_utf8 not in ("skip", "error"):
+        raise ConfigError("data.on_bad_utf8", f"got {cfg.on_bad_utf8!r}, expected one of: skip, error")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise ConfigError("data.val_fraction", f"got {cfg.val_fraction}, expected a value in [0, 1)")
+    for key in ("shard_tokens", "tokenizer_train_bytes"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"data.{key}", f"got {getattr(cfg, key)}, expected > 0")
+
+
+def prepare(cfg: DataConfig, progress: Optional[bool] = None) -> Path:
+    """Return the prepared folder for ``cfg``, building it first unless it is cached."""
+    _check_settings(cfg)
+    specs = resolve_sources(list(cfg.sources))
+    external = None
+    if cfg.tokenizer == "bpe":
+        identity = f"bpe:{cfg.vocab_size}:{cfg.tokenizer_train_bytes}:{','.join(SPECIAL_TOKENS)}"
+    else:
+        external = load_external(cfg.tokenizer)
+        identity = external[2]
+    key = cache_key(cfg, specs, identity)
+    cache_dir = Path(cfg.cache_dir).expanduser()
+    final = cache_dir / f"{cfg.name}-{key}"
+    if (final / "meta.json").is_file():
+        return final
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _file_lock(cache_dir / f".{cfg.name}-{key}.lock"):
+        if (final / "meta.json").is_file():  # another rank finished it while we waited
+            return final
+        tmp = cache_dir / f".tmp-{cfg.name}-{key}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            _build(cfg, specs, external, key, tmp, cfg.progress if progress is None else progress)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _sample_for_tokenizer(specs: list[SourceSpec], cfg: DataConfig) -> Iterator[str]:
+    budget = cfg.tokenizer_train_bytes
+    utf8 = BadUtf8(cfg.on_bad_utf8)
+    for spec in specs:
+        for text in iter_documents(spec, utf8):
+            yield text[:budget]
+            budget -= len(text)
+            if budget <= 0:
+                return
+
+
+# --- worker side: one tokenizer per process, built once from its JSON -------------------------
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer_json: str, eos_id: int) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism; no nested threads
+    from tokenizers import Tokenizer
+
+    _WORKER["tok"] = Tokenizer.from_str(tokenizer_json)
+    _WORKER["eos"] = eos_id
+
+
+def _encode(batch: tuple[list[int], list[str]]) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """Token ids of a batch of documents, each followed by EOS, as one flat array plus lengths."""
+    source_ids, texts = batch
+    encodings = _WORKER["tok"].encode_batch_fast(texts, add_special_tokens=False)
+    lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(encodings))
+    flat = np.empty(int(lengths.sum()), dtype=np.uint32)
+    pos = 0
+    for enc in encodings:
+        n = len(enc.ids)
+        flat[pos:pos + n] = enc.ids
+        flat[pos + n] = _WORKER["eos"]
+        pos += n + 1
+    return source_ids, flat, lengths
+
+
+def _batches(specs: list[SourceSpec], utf8: BadUtf8) -> Iterator[tuple[list[int], list[str]]]:
+    ids: list[int] = []
+    texts: list[str] = []
+    chars = 0
+    for si, spec in enumerate(specs):
+        for text in iter_documents(spec, utf8):
+            if not text:
+                continue
+            ids.append(si)
+            texts.append(text)
+            chars += len(text)
+            if chars >= BATCH_CHARS:
+                yield ids, texts
+                ids, texts, chars = [], [], 0
+    if texts:
+        yield ids, texts
+
+
+class _SourceSplitter:
+    """Routes one source's documents to its train/val writers (see the module docstring)."""
+
+    def __init__(self, folder: Path, index: int, dtype: np.dtype, cfg: DataConfig):
+        self.fraction = cfg.val_fraction
+        self.train = ShardWriter(folder, f"s{index}.train", dtype, cfg.shard_tokens)
+        self.val = ShardWriter(folder, f"s{index}.val", dtype, cfg.shard_tokens)
+        self.docs = {"train": 0, "val": 0}
+        self.seen = 0
+        self.first: Optional[np.ndarray] = None  # held back until we know the source has a second document
+
+    def add(self, tokens: np.ndarray) -> None:
+        index, self.seen = self.seen, self.seen + 1
+        if index == 0 and self.fraction > 0:
+            self.first = tokens.copy()
+            return
+        if index == 1 and self.first is not None:
+            self._put(self.first, val=True)
+            self.first = None
+        self._put(tokens, val=is_val_doc(index, self.fraction))
+
+    def _put(self, tokens: np.ndarray, val: bool) -> None:
+        (self.val if val else self.train).write(tokens)
+        self.docs["val" if val else "train"] += 1
+
+    def close(self) -> None:
+        if self.first is not None:  # a single-document source: hold out its tail instead
+            n_val = max(1, math.ceil(len(self.first) * self.fraction))
+            self.train.write(self.first[:-n_val])
+            self.val.write(self.first[-n_val:])
+            self.docs = {"train": 1, "val": 1}
+            self.first = None
+        self.train.close()
+        self.val.close()
+
+
+def _build(cfg: DataConfig, specs: list[SourceSpec], external, key: str, folder: Path, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    if external is None:
+        tok = train_bpe(_sample_for_tokenizer(specs, cfg), cfg.vocab_size)
+        eos_id = eos_id_of(tok, "tokenizer")
+    else:
+        tok, eos_id, _ = external
+    tok.save(str(folder / "tokenizer.json"))
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    dtype = token_dtype(vocab_size)
+    splitters = [_SourceSplitter(folder, i, dtype, cfg) for i in range(len(specs))]
+    utf8 = BadUtf8(cfg.on_bad_utf8)
+    started = time.perf_counter()
+    bar = tqdm(desc=f"tokenizing {cfg.name}", unit="tok", unit_scale=True, disable=not progress, file=sys.stderr)
+    with contextlib.ExitStack() as stack:
+        batches = _batches(specs, utf8)
+        if cfg.num_proc > 1:
+            pool = stack.enter_context(
+                mp.get_context("fork").Pool(cfg.num_proc, _init_worker, (tok.to_str(), eos_id))
+            )
+            results = pool.imap(_encode, batches)
+        else:
+            _init_worker(tok.to_str(), eos_id)
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)  # in-process: let tokenizers use its threads
+            results = map(_encode, batches)
+        for source_ids, flat, lengths in results:
+            ends = np.cumsum(lengths)
+            for si, end, n in zip(source_ids, ends, lengths):
+                splitters[si].add(flat[end - n:end])
+            bar.update(len(flat))
+    bar.close()
+    for s in splitters:
+        s.close()
+    elapsed = time.perf_counter() - started
+
+    for spec, s in zip(specs, splitters):
+        if s.seen == 0:
+            raise DataError(spec.path, "empty corpus: no text in this source")
+    if utf8.skipped:
+        print(f"llmtrain: skipped {utf8.skipped} non-UTF-8 file(s)/line(s) (first: {utf8.first}); "
+              "data.on_bad_utf8=error makes this an error", file=sys.stderr)
+    meta = {
+        "format": FORMAT_VERSION,
+        "key": key,
+        "name": cfg.name,
+        "vocab_size": vocab_size,
+        "eos_id": eos_id,
+        "dtype": dtype.name,
+        "tokenizer": "tokenizer.json",
+        "val_fraction": cfg.val_fraction,
+        "skipped_bad_utf8": utf8.skipped,
+        "tokenize_seconds": round(elapsed, 3),
+        "sources": [
+            {
+                "path": spec.path, "type": spec.type, "fingerprint": spec.fingerprint(),
+                "splits": {
+                    split: {"documents": s.docs[split], "tokens": w.total, "shards": w.shards}
+                    for split, w in (("train", s.train), ("val", s.val))
+                },
+            }
+            for spec, s in zip(specs, splitters)
+        ],
+    }
+    # meta.json last: its presence is what marks a prepared folder as complete.
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def load_meta(folder: Path) -> dict:
+    path = folder / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(str(path), f"unreadable metadata ({err}); delete {folder} to re-prepare") from None
+    if meta.get("format") != FORMAT_VERSION:
+        raise DataError(str(path), f"format {meta.get('format')} but this llmtrain reads {FORMAT_VERSION}; delete {folder}")
+    return meta
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """``llmtrain-data [hydra overrides]``: prepare (or find cached) shards for the composed config."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print("usage: llmtrain-data [overrides...]   e.g. llmtrain-data data=shakespeare data.vocab_size=2048")
+        return
+    try:
+        from llmtrain.cli import compose
+
+        data_cfg = compose(argv).data
+        started = time.perf_counter()
+        folder = prepare(data_cfg, progress=True)
+        meta = load_meta(folder)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    train = sum(s["splits"]["train"]["tokens"] for s in meta["sources"])
+    val = sum(s["splits"]["val"]["tokens"] for s in meta["sources"])
+    print(f"{folder}: {train:,} train + {val:,} val tokens, vocab {meta['vocab_size']}, "
+          f"{meta['dtype']} ({time.perf_counter() - started:.1f}s)")
+
+
+if __name__ == "__main__":
+    main()

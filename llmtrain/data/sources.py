@@ -1,0 +1,250 @@
+"""Corpus sources: resolve ``data.sources`` entries to files and iterate their documents as text.
+
+A source is ``{path, weight, text_field, type, ...}`` (or just a path string). ``type`` is inferred
+from the extension when omitted: ``.txt`` (one document per file), ``.jsonl`` / ``.json`` (one
+document per record, text under ``text_field``), ``.parquet`` / ``.arrow`` (one per row of the
+``text_field`` column). ``type: hf`` streams a Hugging Face dataset by name (or a local dataset
+folder). ``path`` may be a file, a glob or a folder (every file of a known type inside it).
+An empty ``data.sources`` means the Shakespeare default.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from llmtrain.errors import ConfigError, DataError, choices
+
+EXTENSIONS = {".txt": "txt", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+TYPES = ("txt", "jsonl", "json", "parquet", "arrow", "hf", "shakespeare")
+SOURCE_KEYS = ("path", "weight", "text_field", "type", "name", "split", "revision", "max_documents")
+
+
+@dataclass
+class SourceSpec:
+    """One resolved source. ``weight`` None means 'its natural share' (see loader mixing)."""
+
+    path: str
+    type: str
+    weight: Optional[float] = None
+    text_field: str = "text"
+    name: Optional[str] = None           # hf: dataset config name
+    split: str = "train"                 # hf: which split to stream
+    revision: Optional[str] = None       # hf: pin a dataset revision
+    max_documents: Optional[int] = None  # stop after this many documents (any type)
+    files: list[Path] = field(default_factory=list)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What the prepared data depends on. Weight is left out: it only changes sampling."""
+        fp: dict[str, Any] = {
+            "type": self.type, "path": self.path, "text_field": self.text_field,
+            "max_documents": self.max_documents,
+        }
+        if self.type == "hf":
+            fp.update(name=self.name, split=self.split, revision=self.revision)
+        else:
+            # size + mtime instead of a content hash: instant on huge corpora, and any edit changes one.
+            fp["files"] = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in self.files]
+        return fp
+
+
+def _files_for(path: str, key: str, explicit_type: Optional[str]) -> list[Path]:
+    expanded = os.path.expanduser(path)
+    matches = sorted(glob.glob(expanded, recursive=True)) if glob.has_magic(expanded) else (
+        [expanded] if os.path.exists(expanded) else [])
+    if not matches:
+        raise DataError(path, "no such file" + (" (glob matched nothing)" if glob.has_magic(expanded) else ""))
+    files: list[Path] = []
+    for m in matches:
+        p = Path(m)
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in EXTENSIONS)
+        elif p.is_file():
+            files.append(p)
+    if not files:
+        raise DataError(path, f"no files with a known extension ({', '.join(EXTENSIONS)}) under it")
+    if explicit_type is None:
+        for f in files:
+            if f.suffix.lower() not in EXTENSIONS:
+                raise ConfigError(f"{key}.type", f"cannot infer the type of {f}; set it, {choices(TYPES[:-1])}")
+    return [f.resolve() for f in files]
+
+
+def resolve_sources(sources: list[Any]) -> list[SourceSpec]:
+    """Normalise ``data.sources`` into SourceSpecs; raises ConfigError/DataError naming the entry."""
+    if not sources:
+        from llmtrain.data.shakespeare import shakespeare_files
+
+        return [SourceSpec(path="shakespeare", type="shakespeare", files=shakespeare_files())]
+    specs = []
+    for i, src in enumerate(sources):
+        key = f"data.sources[{i}]"
+        entry = {"path": src} if isinstance(src, (str, os.PathLike)) else dict(src)
+        for k in entry:
+            if k not in SOURCE_KEYS:
+                raise ConfigError(f"{key}.{k}", f"unknown source key; expected {choices(SOURCE_KEYS)}")
+        if not entry.get("path"):
+            raise ConfigError(f"{key}.path", "each source needs a path (a file, glob, folder or dataset name)")
+        kind = entry.get("type")
+        if kind is not None and kind not in TYPES[:-1]:
+            raise ConfigError(f"{key}.type", f"got {kind!r}, expected {choices(TYPES[:-1])}")
+        weight = entry.get("weight")
+        if weight is not None and (not isinstance(weight, (int, float)) or weight <= 0):
+            raise ConfigError(f"{key}.weight", f"got {weight!r}, expected a number > 0")
+        max_docs = entry.get("max_documents")
+        if max_docs is not None and (not isinstance(max_docs, int) or max_docs <= 0):
+            raise ConfigError(f"{key}.max_documents", f"got {max_docs!r}, expected an integer > 0")
+        spec = SourceSpec(
+            path=str(entry["path"]), type=kind or "", weight=None if weight is None else float(weight),
+            text_field=str(entry.get("text_field") or "text"), name=entry.get("name"),
+            split=str(entry.get("split") or "train"), revision=entry.get("revision"), max_documents=max_docs,
+        )
+        if kind != "hf":
+            spec.files = _files_for(spec.path, key, kind)
+            if kind is None:
+                kinds = {EXTENSIONS[f.suffix.lower()] for f in spec.files}
+                spec.type = kinds.pop() if len(kinds) == 1 else "mixed"
+        specs.append(spec)
+    return specs
+
+
+def file_type(spec: SourceSpec, f: Path) -> str:
+    return EXTENSIONS[f.suffix.lower()] if spec.type == "mixed" else ("txt" if spec.type == "shakespeare" else spec.type)
+
+
+class BadUtf8:
+    """Counts files/records skipped for invalid UTF-8, or raises, per ``data.on_bad_utf8``."""
+
+    def __init__(self, policy: str):
+        self.policy = policy
+        self.skipped = 0
+        self.first: Optional[str] = None
+
+    def decode(self, raw: bytes, where: str) -> Optional[str]:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            if self.policy == "error":
+                raise DataError(where, f"not valid UTF-8 (byte {err.start}); set data.on_bad_utf8=skip to skip it") from None
+            self.skipped += 1
+            self.first = self.first or where
+            return None
+
+
+def _text_of(record: Any, spec: SourceSpec, where: str) -> str:
+    if isinstance(record, str) and spec.type != "hf":
+        return record
+    if not isinstance(record, dict) or spec.text_field not in record:
+        raise DataError(where, f"record has no {spec.text_field!r} field; set text_field on this source")
+    text = record[spec.text_field]
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        raise DataError(where, f"field {spec.text_field!r} is {type(text).__name__}, expected a string")
+    return text
+
+
+def _iter_jsonl(f: Path, spec: SourceSpec, utf8: BadUtf8) -> Iterator[str]:
+    with open(f, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            where = f"{f}:{lineno}"
+            line = utf8.decode(raw, where)
+            if line is None:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(where, f"invalid JSON ({err.msg})") from None
+            yield _text_of(record, spec, where)
+
+
+def _iter_json(f: Path, spec: SourceSpec, utf8: BadUtf8) -> Iterator[str]:
+    text = utf8.decode(f.read_bytes(), str(f))
+    if text is None:
+        return
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(str(f), f"invalid JSON at line {err.lineno} ({err.msg}); JSON Lines files need the .jsonl extension") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]  # the {"data": [...]} layout datasets' to_json(lines=False) can write
+    if not isinstance(data, list):
+        raise DataError(str(f), "expected a JSON array of records (or {\"data\": [...]})")
+    for idx, record in enumerate(data):
+        yield _text_of(record, spec, f"{f}[{idx}]")
+
+
+def _iter_table(f: Path, kind: str, spec: SourceSpec) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+    import pyarrow.parquet as pq
+
+    try:
+        if kind == "parquet":
+            pf = pq.ParquetFile(f)
+            if spec.text_field not in pf.schema_arrow.names:
+                raise DataError(str(f), f"no column {spec.text_field!r} (columns: {', '.join(pf.schema_arrow.names)}); set text_field")
+            batches = pf.iter_batches(columns=[spec.text_field], batch_size=1024)
+        else:
+            try:
+                reader = ipc.open_file(f)
+                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+                names = reader.schema.names
+            except pa.ArrowInvalid:
+                reader = ipc.open_stream(f)  # datasets' save_to_disk writes the streaming format
+                batches, names = iter(reader), reader.schema.names
+            if spec.text_field not in names:
+                raise DataError(str(f), f"no column {spec.text_field!r} (columns: {', '.join(names)}); set text_field")
+        for batch in batches:
+            for text in batch.column(batch.schema.get_field_index(spec.text_field)).to_pylist():
+                if text is not None and not isinstance(text, str):
+                    raise DataError(str(f), f"column {spec.text_field!r} holds {type(text).__name__}, expected strings")
+                yield text or ""
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(str(f), f"cannot read as {kind}: {str(err).splitlines()[0]}") from None
+
+
+def _iter_hf(spec: SourceSpec) -> Iterator[str]:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(spec.path, spec.name, split=spec.split, streaming=True, revision=spec.revision)
+        rows = iter(ds)
+        for idx, row in enumerate(rows):
+            yield _text_of(row, spec, f"{spec.path}[{idx}]")
+    except DataError:
+        raise
+    except Exception as err:  # network, unknown dataset, bad split: all one user-facing line
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(spec.path, f"cannot stream Hugging Face dataset ({first}); is the hub reachable?") from None
+
+
+def iter_documents(spec: SourceSpec, utf8: BadUtf8) -> Iterator[str]:
+    """Every document of a source, in a fixed order (files sorted, records in file order)."""
+    def all_docs() -> Iterator[str]:
+        if spec.type == "hf":
+            yield from _iter_hf(spec)
+            return
+        for f in spec.files:
+            kind = file_type(spec, f)
+            if kind == "txt":
+                text = utf8.decode(f.read_bytes(), str(f))
+                if text is not None:
+                    yield text
+            elif kind == "jsonl":
+                yield from _iter_jsonl(f, spec, utf8)
+            elif kind == "json":
+                yield from _iter_json(f, spec, utf8)
+            else:
+                yield from _iter_table(f, kind, spec)
+
+    for n, doc in enumerate(all_docs()):
+        if spec.max_documents is not None and n >= spec.max_documents:
+            return
+        yield doc

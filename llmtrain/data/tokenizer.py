@@ -1,0 +1,109 @@
+"""Tokenizers: train a byte-level BPE on the corpus, or load an existing one.
+
+``data.tokenizer`` is ``bpe`` (train one with ``data.vocab_size`` entries, special tokens
+``<|bos|>``, ``<|eos|>``, ``<|pad|>`` = ids 0, 1, 2), a path to a ``tokenizer.json`` or a
+Hugging Face tokenizer folder, or a ``transformers`` hub name (needs the hub to be reachable or
+the name in the local HF cache). Whatever the origin, the prepared data folder holds the
+``tokenizer.json`` the shards were made with, and that file is what the trainer copies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable, Optional
+
+from tokenizers import Tokenizer
+
+from llmtrain.errors import ConfigError, DataError
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+SPECIAL_TOKENS = [BOS, EOS, PAD]
+# End-of-document tokens of common pretrained tokenizers, tried in order when no config names one.
+KNOWN_EOS = [EOS, "<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>", "[SEP]"]
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, show_progress: bool = False) -> Tokenizer:
+    """A GPT-2-style byte-level BPE: every byte is in the alphabet, so no input is unknown."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
+        raise ConfigError("data.vocab_size", f"got {vocab_size}, a byte-level BPE needs at least {256 + len(SPECIAL_TOKENS) + 1}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def _eos_from_config(folder: Path) -> Optional[str]:
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        cfg = folder / name
+        if cfg.is_file():
+            try:
+                eos = json.loads(cfg.read_text()).get("eos_token")
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if isinstance(eos, dict):
+                eos = eos.get("content")
+            if isinstance(eos, str):
+                return eos
+    return None
+
+
+def eos_id_of(tok: Tokenizer, where: str, eos_token: Optional[str] = None) -> int:
+    """The id placed between documents; DataError if the tokenizer has none."""
+    for candidate in ([eos_token] if eos_token else []) + KNOWN_EOS:
+        idx = tok.token_to_id(candidate)
+        if idx is not None:
+            return idx
+    raise DataError(where, f"tokenizer has no end-of-document token (looked for {', '.join(KNOWN_EOS)})")
+
+
+def load_external(spec: str) -> tuple[Tokenizer, int, str]:
+    """Load a tokenizer.json path, an HF tokenizer folder, or a hub name -> (tokenizer, eos_id, identity).
+
+    ``identity`` goes into the cache key: a content hash for local files, the name otherwise.
+    """
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        path_json, eos_token = path / "tokenizer.json", _eos_from_config(path)
+    elif path.is_file():
+        path_json, eos_token = path, _eos_from_config(path.parent)
+    elif path.exists() or spec.startswith((".", "/", "~")) or spec.endswith(".json"):
+        raise DataError(spec, "no tokenizer.json here (expected a tokenizer.json file or a folder holding one)")
+    else:
+        return _load_from_hub(spec)
+    try:
+        tok = Tokenizer.from_file(str(path_json))
+    except Exception as err:
+        raise DataError(str(path_json), f"not a tokenizers JSON file ({str(err).splitlines()[0]})") from None
+    digest = hashlib.sha256(path_json.read_bytes()).hexdigest()[:16]
+    return tok, eos_id_of(tok, str(path_json), eos_token), f"file:{digest}"
+
+
+def _load_from_hub(name: str) -> tuple[Tokenizer, int, str]:
+    try:
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(name)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(
+            "data.tokenizer",
+            f"cannot load {name!r}: not a local tokenizer.json/folder and not loadable from the "
+            f"Hugging Face hub ({first[:200]})",
+        ) from None
+    backend = getattr(hf, "backend_tokenizer", None)
+    if backend is None:
+        raise DataError("data.tokenizer", f"{name!r} has no fast (tokenizers) implementation")
+    tok = Tokenizer.from_str(backend.to_str())
+    eos_id = hf.eos_token_id if hf.eos_token_id is not None else eos_id_of(tok, name)
+    return tok, eos_id, f"hub:{name}:{getattr(hf, 'init_kwargs', {}).get('_commit_hash', '')}"
