@@ -7,11 +7,25 @@ import torch
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {}
 
 # --- core registry (issue 6) ---------------------------------------------------------------
+from llmtrain.optim.adabelief import AdaBelief  # noqa: E402
+from llmtrain.optim.adagrad import Adagrad  # noqa: E402
 from llmtrain.optim.adam import Adam, AdamW  # noqa: E402
+from llmtrain.optim.lamb import Lamb  # noqa: E402
+from llmtrain.optim.lars import LARS  # noqa: E402
+from llmtrain.optim.lion import Lion  # noqa: E402
+from llmtrain.optim.rmsprop import RMSprop  # noqa: E402
+from llmtrain.optim.sgd import SGD  # noqa: E402
 
 OPTIMIZERS.update({
+    "sgd": SGD,
+    "adagrad": Adagrad,
+    "rmsprop": RMSprop,
     "adam": Adam,
     "adamw": AdamW,
+    "adabelief": AdaBelief,
+    "lion": Lion,
+    "lamb": Lamb,
+    "lars": LARS,
 })
 
 # --- completed registry (issue 11) ---------------------------------------------------------

@@ -1,0 +1,79 @@
+"""Adagrad.
+
+Duchi, Hazan & Singer, "Adaptive Subgradient Methods for Online Learning and Stochastic
+Optimization" (JMLR 2011). Reference implementation: ``torch.optim.Adagrad`` (matched to 1e-6,
+tests/test_optim_classic.py). The accumulated squared gradient only grows, so the effective step
+shrinks over a long run; mostly of historical and baseline interest for LLMs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmtrain.optim._common import check_positive
+
+
+def adagrad_update_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state_sum: torch.Tensor,
+    step: int,
+    *,
+    lr: float,
+    lr_decay: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool = False,
+) -> None:
+    """G ← G + g²;  θ ← θ - lr_t·g/(√G + ε) with lr_t = lr/(1 + (t-1)·lr_decay)."""
+    if maximize:
+        grad = -grad
+    if weight_decay != 0.0:
+        grad = grad.add(param, alpha=weight_decay)
+    clr = lr / (1.0 + (step - 1) * lr_decay)
+    state_sum.addcmul_(grad, grad, value=1.0)
+    param.addcdiv_(grad, state_sum.sqrt().add_(eps), value=-clr)
+
+
+class Adagrad(torch.optim.Optimizer):
+    """Per-coordinate step sizes from the running sum of squared gradients."""
+
+    state_bytes_per_param: float = 4.0
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-2,
+        lr_decay: float = 0.0,
+        weight_decay: float = 0.0,
+        initial_accumulator_value: float = 0.0,
+        eps: float = 1e-10,
+        maximize: bool = False,
+    ):
+        for name, value in (("learning rate", lr), ("lr_decay", lr_decay), ("weight_decay value", weight_decay),
+                            ("initial_accumulator_value", initial_accumulator_value), ("epsilon value", eps)):
+            check_positive(name, value)
+        defaults = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                        initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "sum" not in state:
+                    state["step"] = 0
+                    state["sum"] = torch.full_like(p, group["initial_accumulator_value"])
+                state["step"] += 1
+                adagrad_update_(
+                    p, p.grad, state["sum"], state["step"], lr=float(group["lr"]), lr_decay=group["lr_decay"],
+                    weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+                )
+        return loss

@@ -1,0 +1,98 @@
+"""LAMB (Layer-wise Adaptive Moments for Batch training).
+
+You et al., "Large Batch Optimization for Deep Learning: Training BERT in 76 minutes" (ICLR 2020),
+Algorithm 2. Reference implementation: ``pytorch_optimizer.Lamb`` (kozistr), matched to 1e-6
+(tests/test_optim_adaptive.py) with ``bias_correction=False`` against its ``adam_debias=True,
+weight_decouple=False`` mode, and with bias correction when weight decay is 0 (the trust ratio
+makes the update invariant to the scale of m and v). Adam's direction rescaled per tensor so that
+‖Δθ‖ = lr·φ(‖θ‖); meant for very large batches. Same memory as AdamW.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from llmtrain.optim._common import check_betas, check_positive
+
+
+def lamb_update_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: int,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    bias_correction: bool,
+    clamp_value: float,
+) -> None:
+    """r = m̂/(√v̂ + ε) + λθ;  θ ← θ - lr·φ(‖θ‖)/‖r‖·r, φ(x) = min(x, clamp_value), ratio 1 if a norm is 0."""
+    exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    m, v = exp_avg, exp_avg_sq
+    if bias_correction:
+        m = m / (1.0 - beta1**step)
+        v = v / (1.0 - beta2**step)
+    update = m / v.sqrt().add_(eps)
+    if weight_decay != 0.0:
+        update.add_(param, alpha=weight_decay)
+    weight_norm = torch.linalg.norm(param).clamp(max=clamp_value)
+    update_norm = torch.linalg.norm(update)
+    trust_ratio = torch.where(
+        (weight_norm > 0) & (update_norm > 0), weight_norm / (update_norm + eps), torch.ones_like(weight_norm)
+    )
+    param.add_(update * trust_ratio, alpha=-lr)
+
+
+class Lamb(torch.optim.Optimizer):
+    """Adam direction, per-tensor trust ratio ‖θ‖/‖update‖."""
+
+    state_bytes_per_param: float = 8.0
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        bias_correction: bool = True,
+        clamp_value: float = 10.0,
+    ):
+        check_positive("learning rate", lr)
+        check_positive("epsilon value", eps)
+        check_positive("weight_decay value", weight_decay)
+        check_positive("clamp_value", clamp_value, allow_zero=False)
+        check_betas(betas)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      bias_correction=bias_correction, clamp_value=clamp_value))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "exp_avg" not in state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                lamb_update_(
+                    p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], lr=float(group["lr"]),
+                    beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                    bias_correction=group["bias_correction"], clamp_value=group["clamp_value"],
+                )
+        return loss
