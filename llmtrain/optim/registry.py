@@ -30,9 +30,18 @@ OPTIMIZERS.update({
 
 # --- completed registry (issue 11) ---------------------------------------------------------
 from llmtrain.optim.adam_variants import Adamax, NAdam, RAdam  # noqa: E402
+from llmtrain.optim.adan import Adan  # noqa: E402
+from llmtrain.optim.came import CAME  # noqa: E402
+from llmtrain.optim.signsgd import SignSGD, Signum  # noqa: E402
+from llmtrain.optim.sm3 import SM3  # noqa: E402
 
 OPTIMIZERS.update({
     "nadam": NAdam,
     "radam": RAdam,
     "adamax": Adamax,
+    "adan": Adan,
+    "signsgd": SignSGD,
+    "signum": Signum,
+    "sm3": SM3,
+    "came": CAME,
 })
