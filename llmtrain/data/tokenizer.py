@@ -86,7 +86,8 @@ def load_external(spec: str) -> tuple[Tokenizer, int, str]:
     except Exception as err:
         raise DataError(str(path_json), f"not a tokenizers JSON file ({str(err).splitlines()[0]})") from None
     digest = hashlib.sha256(path_json.read_bytes()).hexdigest()[:16]
-    return tok, eos_id_of(tok, str(path_json), eos_token), f"file:{digest}"
+    eos_id = eos_id_of(tok, str(path_json), eos_token)
+    return tok, eos_id, f"file:{digest}:eos={eos_id}"
 
 
 def _load_from_hub(name: str) -> tuple[Tokenizer, int, str]:
@@ -106,4 +107,4 @@ def _load_from_hub(name: str) -> tuple[Tokenizer, int, str]:
         raise DataError("data.tokenizer", f"{name!r} has no fast (tokenizers) implementation")
     tok = Tokenizer.from_str(backend.to_str())
     eos_id = hf.eos_token_id if hf.eos_token_id is not None else eos_id_of(tok, name)
-    return tok, eos_id, f"hub:{name}:{getattr(hf, 'init_kwargs', {}).get('_commit_hash', '')}"
+    return tok, eos_id, f"hub:{name}:{getattr(hf, 'init_kwargs', {}).get('_commit_hash', '')}:eos={eos_id}"
