@@ -201,7 +201,7 @@ class PackedLoader:
         self._threads, self._queues = [], []
 
     def __del__(self):
-        if self._threads:
+        if getattr(self, "_threads", None):
             self.close()
 
     # --- checkpointing -------------------------------------------------------------------------
