@@ -19,7 +19,7 @@ class DecoderLM(nn.Module):
     Subclasses define ``embed``, ``layers`` (an ``nn.ModuleList`` of blocks; the distributed code
     wraps each one with FSDP), ``norm``, ``lm_head``, ``_embed(idx, start)``,
     ``_block_context(start, T)`` (what every block needs besides x, e.g. RoPE tables),
-    ``embedding_params()`` and ``init_weights()``.
+    ``embedding_params()``, ``init_weights()`` and, if it has derived buffers, ``reset_buffers()``.
 
     Activation checkpointing (``cfg.activation_checkpointing``): ``full`` recomputes every block
     in the backward pass; ``selective`` recomputes every other block (blocks 0, 2, 4, ...), which
@@ -40,6 +40,9 @@ class DecoderLM(nn.Module):
 
     def init_weights(self) -> None:
         raise NotImplementedError
+
+    def reset_buffers(self) -> None:
+        """Recompute buffers derived from the config (none unless a family has some)."""
 
     def _apply(self, fn, *args, **kwargs):
         # .to()/.to_empty() may replace parameters one module at a time, which unties a shared

@@ -72,7 +72,7 @@ class Llama(DecoderLM):
         """Normal(0, init_std) for matrices and embeddings; the projections that write into the
         residual stream (o_proj, down_proj) use init_std / sqrt(2 * n_layers) so the residual
         variance does not grow with depth (GPT-2's rule); norms start at 1. Also rebuilds the RoPE
-        tables, which hold garbage after ``to_empty`` from the meta device."""
+        tables (``reset_buffers``)."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         nn.init.normal_(self.embed.weight, mean=0.0, std=std)
@@ -87,6 +87,11 @@ class Llama(DecoderLM):
             block.attn_norm.reset_parameters()
             block.mlp_norm.reset_parameters()
         self.norm.reset_parameters()
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute the RoPE tables in place (after ``to_empty`` they hold garbage)."""
         cos, sin = rope_cos_sin(self.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta,
                                 self.cfg.rope_scaling, device=self.rope_cos.device)
         self.rope_cos.copy_(cos)

@@ -1,0 +1,368 @@
+"""Hugging Face interop: ``to_hf`` / ``from_hf`` convert models, ``load_init_weights`` starts a run
+from HF weights on disk (``model.init_from=PATH``), and ``llmtrain-export RUN_DIR OUT_DIR`` turns a
+run's newest checkpoint into a directory ``AutoModelForCausalLM`` and ``AutoTokenizer`` load.
+
+Our parameter names mirror HF's, so LLaMA maps one to one (both use rotate-half RoPE). GPT-2 in
+HF keeps q/k/v fused in ``c_attn`` and stores every projection as ``Conv1D`` ([in, out]), so its
+matrices are concatenated and transposed on the way out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from llmtrain.errors import ConfigError, UserError
+from llmtrain.models import DecoderLM, ModelConfig, build_model, to_model_config
+from llmtrain.models.llama import llama_ffn_hidden
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------
+
+
+def hf_config(cfg: ModelConfig):
+    """The ``transformers`` config of the same architecture."""
+    from transformers import GPT2Config, LlamaConfig
+
+    if cfg.family == "llama":
+        rope_scaling = None
+        if cfg.rope_scaling:
+            rope_scaling = {"rope_type": "llama3", **{k: float(v) if k != "original_max_position_embeddings" else int(v)
+                                                      for k, v in cfg.rope_scaling.items() if k != "rope_type"}}
+        return LlamaConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=llama_ffn_hidden(cfg),
+            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_kv_heads or cfg.n_heads, max_position_embeddings=cfg.max_seq_len,
+            rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, rope_scaling=rope_scaling,
+            tie_word_embeddings=cfg.tie_embeddings, attention_dropout=cfg.dropout,
+            initializer_range=cfg.init_std, hidden_act="silu", bos_token_id=None, eos_token_id=None,
+        )
+    if (cfg.n_kv_heads or cfg.n_heads) != cfg.n_heads:
+        raise ConfigError("model.n_kv_heads", "GPT-2 in transformers has no grouped-query attention; use n_kv_heads: null")
+    return GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.d_model, n_layer=cfg.n_layers,
+        n_head=cfg.n_heads, n_inner=cfg.ffn_hidden, activation_function="gelu_new",
+        resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+        layer_norm_epsilon=cfg.norm_eps, initializer_range=cfg.init_std,
+        tie_word_embeddings=cfg.tie_embeddings, bos_token_id=None, eos_token_id=None,
+    )
+
+
+def _hf_rope(config) -> tuple[float, Optional[dict[str, Any]]]:
+    """(rope_theta, LLaMA-3.1 scaling or None) from a transformers v4 or v5 LlamaConfig."""
+    params = getattr(config, "rope_parameters", None)
+    if params is None:  # transformers < 5
+        params = dict(getattr(config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    theta = float(params.get("rope_theta", 10000.0))
+    if rope_type == "default":
+        return theta, None
+    if rope_type != "llama3":
+        raise UserError("model.rope_scaling", f"rope_type {rope_type!r} is not supported (only default and llama3)")
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    return theta, {k: params[k] for k in keys}
+
+
+def model_config_from_hf(config) -> ModelConfig:
+    """Our ModelConfig for a ``transformers`` LlamaConfig or GPT2Config."""
+    if config.model_type == "llama":
+        if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+            raise UserError("model.init_from", "LLaMA checkpoints with attention or MLP biases are not supported")
+        head_dim = getattr(config, "head_dim", None)
+        if head_dim not in (None, config.hidden_size // config.num_attention_heads):
+            raise UserError("model.init_from", f"head_dim={head_dim} differs from hidden_size/num_heads; not supported")
+        theta, scaling = _hf_rope(config)
+        return ModelConfig(
+            name=getattr(config, "name_or_path", "") or "hf_llama", family="llama",
+            n_layers=config.num_hidden_layers, d_model=config.hidden_size, n_heads=config.num_attention_heads,
+            n_kv_heads=config.num_key_value_heads, ffn_hidden=config.intermediate_size,
+            vocab_size=config.vocab_size, max_seq_len=config.max_position_embeddings, rope_theta=theta,
+            rope_scaling=scaling, tie_embeddings=bool(config.tie_word_embeddings), norm_eps=config.rms_norm_eps,
+            dropout=float(config.attention_dropout or 0.0), init_std=config.initializer_range,
+        )
+    if config.model_type == "gpt2":
+        if config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise UserError("model.init_from", f"GPT-2 activation {config.activation_function!r} is not supported (gelu_new)")
+        if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+            raise UserError("model.init_from", "scale_attn_by_inverse_layer_idx is not supported")
+        return ModelConfig(
+            name=getattr(config, "name_or_path", "") or "hf_gpt2", family="gpt",
+            n_layers=config.n_layer, d_model=config.n_embd, n_heads=config.n_head, n_kv_heads=None,
+            ffn_hidden=config.n_inner, vocab_size=config.vocab_size, max_seq_len=config.n_positions,
+            tie_embeddings=bool(getattr(config, "tie_word_embeddings", True)), norm_eps=config.layer_norm_epsilon,
+            dropout=float(config.resid_pdrop), init_std=config.initializer_range,
+        )
+    raise UserError("model.init_from", f"model_type {config.model_type!r} is not supported (llama, gpt2)")
+
+
+# ---------------------------------------------------------------------------------------------
+# State dicts
+# ---------------------------------------------------------------------------------------------
+
+_LLAMA_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "mlp_norm.weight": "post_attention_layernorm.weight",
+    **{f"attn.{p}.weight": f"self_attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
+    **{f"mlp.{p}.weight": f"mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")},
+}
+
+
+def _llama_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"],
+           "lm_head.weight": sd["lm_head.weight"] if "lm_head.weight" in sd else sd["embed.weight"]}
+    for i in range(cfg.n_layers):
+        for ours, theirs in _LLAMA_NAMES.items():
+            out[f"model.layers.{i}.{theirs}"] = sd[f"layers.{i}.{ours}"]
+    return out
+
+
+def _llama_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {"embed.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"]}
+    out["lm_head.weight"] = sd["model.embed_tokens.weight"] if cfg.tie_embeddings else sd["lm_head.weight"]
+    for i in range(cfg.n_layers):
+        for ours, theirs in _LLAMA_NAMES.items():
+            out[f"layers.{i}.{ours}"] = sd[f"model.layers.{i}.{theirs}"]
+    return out
+
+
+def _gpt_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {"transformer.wte.weight": sd["embed.weight"], "transformer.wpe.weight": sd["pos_embed.weight"],
+           "transformer.ln_f.weight": sd["norm.weight"], "transformer.ln_f.bias": sd["norm.bias"],
+           "lm_head.weight": sd["lm_head.weight"] if "lm_head.weight" in sd else sd["embed.weight"]}
+    for i in range(cfg.n_layers):
+        p, h = f"layers.{i}.", f"transformer.h.{i}."
+        qkv = [f"{p}attn.{n}_proj" for n in "qkv"]
+        out[h + "attn.c_attn.weight"] = torch.cat([sd[n + ".weight"] for n in qkv], 0).t().contiguous()
+        out[h + "attn.c_attn.bias"] = torch.cat([sd[n + ".bias"] for n in qkv], 0)
+        for ours, theirs in (("attn.o_proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
+            out[h + theirs + ".weight"] = sd[p + ours + ".weight"].t().contiguous()
+            out[h + theirs + ".bias"] = sd[p + ours + ".bias"]
+        for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+            out[h + theirs + ".weight"] = sd[p + ours + ".weight"]
+            out[h + theirs + ".bias"] = sd[p + ours + ".bias"]
+    return out
+
+
+def _gpt_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {"embed.weight": sd["transformer.wte.weight"], "pos_embed.weight": sd["transformer.wpe.weight"],
+           "norm.weight": sd["transformer.ln_f.weight"], "norm.bias": sd["transformer.ln_f.bias"]}
+    out["lm_head.weight"] = sd["transformer.wte.weight"] if cfg.tie_embeddings else sd["lm_head.weight"]
+    for i in range(cfg.n_layers):
+        p, h = f"layers.{i}.", f"transformer.h.{i}."
+        w = sd[h + "attn.c_attn.weight"].t()
+        b = sd[h + "attn.c_attn.bias"]
+        for j, n in enumerate("qkv"):
+            rows = slice(j * cfg.d_model, (j + 1) * cfg.d_model)
+            out[f"{p}attn.{n}_proj.weight"] = w[rows].contiguous()
+            out[f"{p}attn.{n}_proj.bias"] = b[rows]
+        for ours, theirs in (("attn.o_proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
+            out[p + ours + ".weight"] = sd[h + theirs + ".weight"].t().contiguous()
+            out[p + ours + ".bias"] = sd[h + theirs + ".bias"]
+        for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+            out[p + ours + ".weight"] = sd[h + theirs + ".weight"]
+            out[p + ours + ".bias"] = sd[h + theirs + ".bias"]
+    return out
+
+
+def state_dict_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    return (_llama_to_hf if cfg.family == "llama" else _gpt_to_hf)(sd, cfg)
+
+
+def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    return (_llama_from_hf if cfg.family == "llama" else _gpt_from_hf)(sd, cfg)
+
+
+def clean_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop wrapper prefixes (torch.compile's ``_orig_mod.``, DDP's ``module.``)."""
+    out = {}
+    for key, value in sd.items():
+        for prefix in ("_orig_mod.", "module."):
+            key = key.replace(prefix, "")
+        out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _skip_hf_init():
+    """Build an HF model without its random init (its weights are overwritten right after)."""
+    try:
+        from transformers.initialization import no_init_weights  # transformers >= 5
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights  # transformers 4.x
+    with no_init_weights():
+        yield
+
+
+def to_hf(model: DecoderLM):
+    """A ``transformers`` GPT2LMHeadModel / LlamaForCausalLM with the same weights (and logits)."""
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+    cfg = model.cfg
+    config = hf_config(cfg)
+    cls = LlamaForCausalLM if cfg.family == "llama" else GPT2LMHeadModel
+    with _skip_hf_init():
+        hf = cls(config)
+    dtype = next(model.parameters()).dtype
+    hf.to(dtype)
+    sd = {k: v.detach() for k, v in clean_state_dict(model.state_dict()).items()}
+    missing, unexpected = hf.load_state_dict(state_dict_to_hf(sd, cfg), strict=False)
+    # HF may list the tied head as missing (it follows wte), and GPT-2 its causal-mask buffers.
+    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings) and not k.endswith(".attn.bias")
+               and not k.endswith(".attn.masked_bias")]
+    if missing or unexpected:
+        raise RuntimeError(f"HF conversion mismatch: missing {missing}, unexpected {unexpected}")
+    if cfg.tie_embeddings:
+        hf.tie_weights()
+    return hf.eval()
+
+
+def _materialise(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> DecoderLM:
+    """Build on meta, allocate on CPU and load ``sd`` without paying for a random init."""
+    with torch.device("meta"):
+        model = build_model(cfg)
+    model.to_empty(device="cpu")
+    model.reset_buffers()
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def from_hf(hf_model) -> DecoderLM:
+    """The llmtrain model of a ``transformers`` LlamaForCausalLM / GPT2LMHeadModel, same weights."""
+    cfg = model_config_from_hf(hf_model.config)
+    sd = state_dict_from_hf({k: v.detach() for k, v in hf_model.state_dict().items()}, cfg)
+    dtype = next(hf_model.parameters()).dtype
+    return _materialise(cfg, {k: v.float() for k, v in sd.items()}).to(dtype)
+
+
+_SHAPE_FIELDS = ("family", "n_layers", "d_model", "n_heads", "n_kv_heads", "vocab_size", "tie_embeddings")
+
+
+def load_init_weights(model: DecoderLM, path: str | Path) -> None:
+    """Copy the weights of the HF model directory ``path`` into ``model`` (``model.init_from``).
+
+    Call it on the unwrapped, materialised model before sharding. The architecture must match the
+    run's ``model`` config; a mismatch names the first differing field.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ConfigError("model.init_from", f"{path} is not a Hugging Face model directory (no config.json)")
+    hf_cfg = model_config_from_hf(AutoConfig.from_pretrained(path))
+    ours = model.cfg
+    pairs = {f: (getattr(hf_cfg, f), getattr(ours, f)) for f in _SHAPE_FIELDS}
+    pairs["n_kv_heads"] = (hf_cfg.n_kv_heads or hf_cfg.n_heads, ours.n_kv_heads or ours.n_heads)
+    if ours.family == "llama":
+        pairs["ffn_hidden"] = (llama_ffn_hidden(hf_cfg), llama_ffn_hidden(ours))
+    else:
+        pairs["ffn_hidden"] = (hf_cfg.ffn_hidden or 4 * hf_cfg.d_model, ours.ffn_hidden or 4 * ours.d_model)
+        pairs["max_seq_len"] = (hf_cfg.max_seq_len, ours.max_seq_len)
+    for field, (theirs, mine) in pairs.items():
+        if theirs != mine:
+            raise ConfigError("model.init_from", f"{path} has {field}={theirs} but model.{field}={mine}; "
+                                                 f"pick the matching model preset or set model.{field}={theirs}")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    sd = state_dict_from_hf({k: v.detach() for k, v in hf.state_dict().items()}, hf_cfg)
+    model.load_state_dict(sd, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: llmtrain-export RUN_DIR OUT_DIR
+# ---------------------------------------------------------------------------------------------
+
+
+def load_run_model(run_dir: str | Path) -> tuple[DecoderLM, Path]:
+    """The model of a run directory at its newest complete checkpoint, and that checkpoint."""
+    from omegaconf import OmegaConf
+
+    from llmtrain.checkpoint import latest_checkpoint, load_model_state
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError("RUN_DIR", f"no such run directory: {run_dir}")
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError("RUN_DIR", f"{run_dir} has no config.yaml; is it a llmtrain run directory?")
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise UserError("RUN_DIR", f"{run_dir} has no complete checkpoint under checkpoints/")
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    if "model" not in cfg:
+        raise UserError("RUN_DIR", f"{run_dir / 'config.yaml'} has no model section")
+    mcfg = to_model_config(OmegaConf.to_container(cfg.model, resolve=True))
+    sd = clean_state_dict(load_model_state(ckpt))
+    sd = {k: v.float() for k, v in sd.items() if not k.startswith("rope_")}
+    if mcfg.tie_embeddings:
+        sd.setdefault("lm_head.weight", sd.get("embed.weight"))
+    try:
+        model = _materialise(mcfg, sd)
+    except RuntimeError as err:
+        raise UserError(str(ckpt), f"weights do not match config.yaml's model: {str(err).splitlines()[0]}") from None
+    return model, ckpt
+
+
+def save_tokenizer(tokenizer_file: Path, out_dir: Path, hf_model: Optional[nn.Module] = None) -> None:
+    """Wrap a ``tokenizers`` JSON as a PreTrainedTokenizerFast with its bos/eos/pad tokens."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file))
+    vocab = tok.get_vocab()
+    special = {}
+    for role, names in (("bos_token", ("<|bos|>", "<s>", "<|begin_of_text|>")),
+                        ("eos_token", ("<|eos|>", "<|endoftext|>", "</s>", "<|end_of_text|>")),
+                        ("pad_token", ("<|pad|>", "<pad>"))):
+        found = next((n for n in names if n in vocab), None)
+        if found:
+            special[role] = found
+    tok.add_special_tokens(special)
+    tok.save_pretrained(str(out_dir))
+    if hf_model is not None:
+        for role, token in special.items():
+            setattr(hf_model.config, role.replace("_token", "_token_id"), vocab[token])
+            if getattr(hf_model, "generation_config", None) is not None:
+                setattr(hf_model.generation_config, role.replace("_token", "_token_id"), vocab[token])
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write the newest checkpoint of ``run_dir`` as an HF model (+ tokenizer) into ``out_dir``."""
+    model, ckpt = load_run_model(run_dir)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf = to_hf(model)
+    tokenizer_file = Path(run_dir) / "tokenizer.json"
+    if tokenizer_file.is_file():
+        save_tokenizer(tokenizer_file, out_dir, hf)
+    hf.save_pretrained(str(out_dir))
+    return ckpt
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="llmtrain-export",
+        description="Export a run's newest checkpoint as a Hugging Face model directory "
+                    "(loadable with AutoModelForCausalLM / AutoTokenizer.from_pretrained).")
+    parser.add_argument("run_dir", help="llmtrain run directory (holds config.yaml and checkpoints/)")
+    parser.add_argument("out_dir", help="where to write the Hugging Face model")
+    args = parser.parse_args(argv)
+    try:
+        ckpt = export_run(args.run_dir, args.out_dir)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"exported {ckpt} -> {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()
