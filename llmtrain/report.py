@@ -73,8 +73,14 @@ class Run:
 
     @property
     def lr(self) -> Optional[float]:
-        lr = _num((self.summary or {}).get("lr"))
-        return lr if lr is not None else _num(self.config.get("optim", {}).get("lr"))
+        """The peak lr: optim.lr from the resolved config (times optim.lr_scale where a config
+        has one), else summary.json's lr."""
+        optim = self.config.get("optim", {})
+        lr = _num(optim.get("lr"))
+        if lr is None:
+            return _num((self.summary or {}).get("lr"))
+        scale = _num(optim.get("lr_scale"))
+        return lr * scale if scale is not None else lr
 
     def final_val_loss(self) -> Optional[float]:
         finite = [e["val_loss"] for e in self.evals if _finite(e.get("val_loss"))]
@@ -142,9 +148,10 @@ def _read_metrics(path: Path, run: Run) -> None:
                 row["step"] = int(row["step"])
             # A resumed run re-logs the steps after its last checkpoint; the later row wins.
             key = row.get("step", f"#{order}")
-            if row.get("val_loss") is not None:
+            # Key presence, not value: a NaN loss may be written as null or "nan" and must count.
+            if "val_loss" in row:
                 by_step_eval[key] = row
-            if row.get("loss") is not None:
+            if "loss" in row:
                 by_step_train[key] = row
     if bad:
         run.problems.append(f"metrics.jsonl: {bad} unreadable line(s) skipped")
@@ -238,7 +245,12 @@ def classify_run(run: Run, diverge_factor: float = DEFAULT_DIVERGE_FACTOR) -> tu
 
     # A single skipped non-finite step is normal (the trainer skips it and goes on); a run that
     # *ends* non-finite has diverged. Report where the final non-finite stretch began.
+    last_eval = run.evals[-1] if run.evals else {}
+    eval_after_train = bool(run.train) and _finite(last_eval.get("val_loss")) and \
+        (last_eval.get("step") or 0) >= (run.train[-1].get("step") or 0)
     for rows, key, what in ((run.train, "loss", "train"), (run.evals, "val_loss", "val")):
+        if what == "train" and eval_after_train:
+            continue  # the weights were still sound at the end: a finite eval came after
         if rows and not _finite(rows[-1].get(key)):
             start = len(rows) - 1
             while start > 0 and not _finite(rows[start - 1].get(key)):
@@ -246,7 +258,7 @@ def classify_run(run: Run, diverge_factor: float = DEFAULT_DIVERGE_FACTOR) -> tu
             return DIVERGED, f"non-finite {what} loss ({rows[-1].get(key)}) from step {rows[start].get('step')} on"
     first = _initial_loss(run)
     if first is not None:
-        final = [x for x in (run.train[-1].get("loss"), run.final_val_loss()) if _finite(x)]
+        final = [x for x in (run.train[-1].get("loss") if run.train else None, run.final_val_loss()) if _finite(x)]
         worst = max(final) if final else None
         if worst is not None and worst > diverge_factor * first:
             return DIVERGED, f"final loss {worst:.3f} > {diverge_factor:g} x initial loss {first:.3f}"

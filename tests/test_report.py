@@ -126,7 +126,9 @@ def test_classify_run_reasons(tmp_path):
     cases = {
         "failed": write_run(tmp_path / "f", "adamw", 1e-3, [5.0, 4.0], status="failed", reason="boom"),
         "nometrics": write_run(tmp_path / "m", "adamw", 1e-3, [5.0], metrics=False),
-        "nan": write_run(tmp_path / "n", "adamw", 1e-3, [5.0, 4.0], train_losses=[5.0, float("inf")]),
+        "nan": write_run(tmp_path / "n", "adamw", 1e-3, [5.0, float("nan")], train_losses=[5.0, float("inf")]),
+        # One skipped non-finite step followed by a finite eval: the trainer recovered, not diverged.
+        "transient": write_run(tmp_path / "t", "adamw", 1e-3, [5.0, 4.0], train_losses=[5.0, float("inf")]),
         "blowup": write_run(tmp_path / "b", "adamw", 1e-2, [5.0, 9.0], train_losses=[5.0, 9.0]),
         "flagged": write_run(tmp_path / "d", "adamw", 1e-3, [5.0, 4.0], status="diverged", reason="5 non-finite losses in a row"),
         "stopped": write_run(tmp_path / "s", "adamw", 1e-3, [5.0, 4.0], status="stopped", reason="SIGTERM"),
@@ -138,6 +140,7 @@ def test_classify_run_reasons(tmp_path):
     assert got["failed"] == ("failed", "boom")
     assert got["nometrics"] == ("failed", "no metrics.jsonl")
     assert got["nan"][0] == "diverged" and "non-finite train loss (inf) from step 10 on" in got["nan"][1]
+    assert got["transient"] == ("ok", "")
     assert got["blowup"][0] == "diverged" and "1.5 x initial loss" in got["blowup"][1]
     # With a looser factor the same run counts as ok: the threshold is the factor, not a constant.
     assert classify_run(runs[cases["blowup"]], diverge_factor=2.0) == ("ok", "")
@@ -145,6 +148,27 @@ def test_classify_run_reasons(tmp_path):
     assert got["stopped"] == ("incomplete", "SIGTERM")
     assert got["running"][0] == "incomplete"
     assert got["ok"] == ("ok", "")
+
+
+def test_nan_written_as_string_or_null_counts_as_nonfinite(tmp_path):
+    # The trainer writes NaN as "nan" (JSON has no NaN); other writers use null.
+    run_dir = write_run(tmp_path / "s", "lion", 1e-3, [5.0, 4.0], metrics=False, summary=False)
+    (run_dir / "metrics.jsonl").write_text(
+        '{"step": 0, "tokens": 0, "time_s": 0.0, "val_loss": 5.0}\n'
+        '{"step": 10, "loss": 4.0, "tokens": 1000, "time_s": 1.0}\n'
+        '{"step": 20, "loss": "nan", "tokens": 2000, "time_s": 2.0}\n'
+        '{"step": 30, "loss": null, "tokens": 3000, "time_s": 3.0}\n')
+    (run,) = load_runs(tmp_path)
+    assert classify_run(run) == ("diverged", "non-finite train loss (None) from step 20 on")
+
+
+def test_eval_only_metrics_are_enough(tmp_path):
+    run_dir = write_run(tmp_path / "e", "lion", 1e-3, [5.0, 4.0], metrics=False)
+    (run_dir / "metrics.jsonl").write_text('{"step": 0, "val_loss": 5.0}\n{"step": 10, "val_loss": 4.0}\n')
+    (run,) = load_runs(tmp_path)
+    assert classify_run(run) == ("ok", "")
+    # Eval rows without tokens get step x global_batch_size x seq_len from config.yaml.
+    assert [e["tokens"] for e in run.evals] == [0, 1000]
 
 
 # ----------------------------------------------------------------------------- best lr
@@ -333,3 +357,54 @@ def test_compare_optimizers_script_is_the_same_command(sweep):
     finally:
         sys.argv = argv
     assert exit_info.value.code == 0 and (sweep / "report.md").exists()
+
+
+# ----------------------------------------------------------------------------- bench experiments
+
+CONFIGS = Path(report.__file__).resolve().parents[1] / "configs" / "experiment"
+BENCHES = ["optimizer_bench_tiny", "optimizer_bench_124m"]
+
+
+def _swept_optimizers(name: str) -> list[str]:
+    raw = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    return [o.strip() for o in str(raw["hydra"]["sweeper"]["params"]["optim"]).split(",")]
+
+
+@pytest.mark.parametrize("name", BENCHES)
+def test_bench_experiment_sweeps_five_plus_optimizers_into_distinct_run_dirs(name):
+    text = (CONFIGS / f"{name}.yaml").read_text()
+    assert text.splitlines()[0] == "# @package _global_"
+    raw = yaml.safe_load(text)
+    assert len(set(_swept_optimizers(name))) >= 5
+    # Per-optimizer lr grids are run as separate sweeps into one directory: the subdir must
+    # differ for every (optimizer, lr) or a later sweep would resume an earlier run's directory.
+    subdir = raw["hydra"]["sweep"]["subdir"]
+    assert "${optim.name}" in subdir and "${optim.lr}" in subdir
+
+
+@pytest.mark.parametrize("name", BENCHES)
+def test_bench_experiment_composes_with_a_fixed_budget_for_every_registered_optimizer(name):
+    from llmtrain.cli import compose
+    from llmtrain.optim import OPTIMIZERS
+
+    registered = [o for o in _swept_optimizers(name) if o in OPTIMIZERS]
+    if not registered:
+        pytest.skip(f"none of {_swept_optimizers(name)} is registered yet")
+    budgets = set()
+    for optimizer in registered:
+        cfg = compose([f"+experiment={name}", f"optim={optimizer}"])
+        assert cfg.optim["name"] == optimizer and cfg.experiment == name
+        budgets.add((cfg.train.max_steps * cfg.train.global_batch_size * cfg.train.seq_len,
+                     cfg.train.seed, cfg.model.n_layers, cfg.model.d_model, cfg.data.name))
+    assert len(budgets) == 1   # only the optimizer changes between jobs
+
+
+def test_tiny_bench_model_stays_cpu_sized():
+    from llmtrain.cli import compose
+    from llmtrain.models import build_model
+
+    cfg = compose(["+experiment=optimizer_bench_tiny"])
+    params = sum(p.numel() for p in build_model(cfg.model).parameters())
+    # ~1M parameters x 614k tokens is what fits six optimizers in ~30 min on two CPU cores.
+    assert params < 1_500_000
+    assert cfg.logger.wandb.mode == "disabled"
