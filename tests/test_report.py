@@ -387,9 +387,12 @@ def test_bench_experiment_composes_with_a_fixed_budget_for_every_registered_opti
     from llmtrain.cli import compose
     from llmtrain.optim import OPTIMIZERS
 
-    registered = [o for o in _swept_optimizers(name) if o in OPTIMIZERS]
+    # The registry is filled by other issues; check every swept optimizer that has landed
+    # (registered, with its configs/optim/NAME.yaml).
+    registered = [o for o in _swept_optimizers(name)
+                  if o in OPTIMIZERS and (CONFIGS.parent / "optim" / f"{o}.yaml").is_file()]
     if not registered:
-        pytest.skip(f"none of {_swept_optimizers(name)} is registered yet")
+        pytest.skip(f"none of {_swept_optimizers(name)} has landed in the registry yet")
     budgets = set()
     for optimizer in registered:
         cfg = compose([f"+experiment={name}", f"optim={optimizer}"])
