@@ -10,6 +10,7 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {}
 from llmtrain.optim.adabelief import AdaBelief  # noqa: E402
 from llmtrain.optim.adagrad import Adagrad  # noqa: E402
 from llmtrain.optim.adam import Adam, AdamW  # noqa: E402
+from llmtrain.optim.adamw8bit import AdamW8bit  # noqa: E402
 from llmtrain.optim.lamb import Lamb  # noqa: E402
 from llmtrain.optim.lars import LARS  # noqa: E402
 from llmtrain.optim.lion import Lion  # noqa: E402
@@ -27,6 +28,7 @@ OPTIMIZERS.update({
     "lamb": Lamb,
     "lars": LARS,
 })
+OPTIMIZERS["adamw8bit"] = AdamW8bit
 
 # --- completed registry (issue 11) ---------------------------------------------------------
 from llmtrain.optim.adam_variants import Adamax, NAdam, RAdam  # noqa: E402

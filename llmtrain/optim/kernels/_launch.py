@@ -63,7 +63,8 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 def block_sizes(gpu_block: int, gpu_chunk: int, interp_block: int, interp_chunk: int) -> tuple[int, int]:
     """(BLOCK, CHUNK): elements per inner iteration and per program.
 
-    The interpreter pays per element of every masked-out lane, so it gets small tiles.
+    The interpreter pays per operation, not per element (numpy runs each op on the whole tile),
+    so it gets large tiles and few programs.
     """
     return (interp_block, interp_chunk) if interpret_mode() else (gpu_block, gpu_chunk)
 

@@ -109,7 +109,7 @@ def fused_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs
             continue
         rows = [(ps[i].data_ptr(), gs[i].data_ptr(), ms[i].data_ptr(), vs[i].data_ptr(),
                  ws[i].data_ptr() if ws is not None else 0, steps[i].data_ptr(), ps[i].numel()) for i in idx]
-        block, chunk = block_sizes(1024, 8192, 256, 1024)
+        block, chunk = block_sizes(1024, 8192, 4096, 4096)
         tensor_table = _TABLES.tensor_table(rows, device)
         chunk_table = _TABLES.chunk_table([ps[i].numel() for i in idx], chunk, device)
         lr_value, lr_tensor = scalar_operand(lr, device)

@@ -141,7 +141,7 @@ def fused_adamw8bit_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_
             continue
         rows = [(ps[i].data_ptr(), gs[i].data_ptr(), mqs[i].data_ptr(), mas[i].data_ptr(), vqs[i].data_ptr(),
                  vas[i].data_ptr(), steps[i].data_ptr(), ps[i].numel()) for i in idx]
-        tile_rows, chunk = (1, QUANT_BLOCK) if interpret_mode() else (4, 32 * QUANT_BLOCK)
+        tile_rows, chunk = (16, 16 * QUANT_BLOCK) if interpret_mode() else (4, 32 * QUANT_BLOCK)
         tensor_table = _TABLES.tensor_table(rows, device)
         chunk_table = _TABLES.chunk_table([ps[i].numel() for i in idx], chunk, device)
         lr_value, lr_tensor = scalar_operand(lr, device)
