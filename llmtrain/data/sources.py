@@ -211,6 +211,10 @@ def _iter_table(f: Path, kind: str, spec: SourceSpec) -> Iterator[str]:
 
 
 def _iter_hf(spec: SourceSpec) -> Iterator[str]:
+    from llmtrain.data.hub import hub_reachable
+
+    if not Path(spec.path).expanduser().exists() and not hub_reachable():
+        raise DataError(spec.path, "cannot stream Hugging Face dataset: the hub is unreachable (offline?)")
     try:
         import datasets
 

@@ -67,6 +67,11 @@ def eos_id_of(tok: Tokenizer, where: str, eos_token: Optional[str] = None) -> in
     raise DataError(where, f"tokenizer has no end-of-document token (looked for {', '.join(KNOWN_EOS)})")
 
 
+def is_hub_name(spec: str) -> bool:
+    """Not a local path: no such file, and it does not look like one."""
+    return not (Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")) or spec.endswith(".json"))
+
+
 def load_external(spec: str) -> tuple[Tokenizer, int, str]:
     """Load a tokenizer.json path, an HF tokenizer folder, or a hub name -> (tokenizer, eos_id, identity).
 
@@ -77,10 +82,10 @@ def load_external(spec: str) -> tuple[Tokenizer, int, str]:
         path_json, eos_token = path / "tokenizer.json", _eos_from_config(path)
     elif path.is_file():
         path_json, eos_token = path, _eos_from_config(path.parent)
-    elif path.exists() or spec.startswith((".", "/", "~")) or spec.endswith(".json"):
-        raise DataError(spec, "no tokenizer.json here (expected a tokenizer.json file or a folder holding one)")
-    else:
+    elif is_hub_name(spec):
         return _load_from_hub(spec)
+    else:
+        raise DataError(spec, "no tokenizer.json here (expected a tokenizer.json file or a folder holding one)")
     try:
         tok = Tokenizer.from_file(str(path_json))
     except Exception as err:
@@ -91,10 +96,17 @@ def load_external(spec: str) -> tuple[Tokenizer, int, str]:
 
 
 def _load_from_hub(name: str) -> tuple[Tokenizer, int, str]:
-    try:
-        from transformers import AutoTokenizer
+    from transformers import AutoTokenizer
 
-        hf = AutoTokenizer.from_pretrained(name)
+    from llmtrain.data.hub import hub_reachable
+
+    try:
+        try:
+            hf = AutoTokenizer.from_pretrained(name, local_files_only=True)  # the HF cache, no network
+        except Exception:
+            if not hub_reachable():
+                raise OSError("the hub is unreachable and the name is not in the local Hugging Face cache") from None
+            hf = AutoTokenizer.from_pretrained(name)
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise DataError(

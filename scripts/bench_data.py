@@ -1,0 +1,152 @@
+"""Data pipeline throughput: preparation tokens/s vs a datasets.map baseline, and loader windows/s.
+
+Both preparers tokenize the same generated JSONL corpus with the same byte-level BPE in the same
+run: llmtrain's pipeline (``prepare``: read, tokenize in ``num_proc`` workers, write uint16
+shards) and the common recipe of ``datasets.load_dataset("json") .map(num_proc=...)`` with a
+``transformers.PreTrainedTokenizerFast(tokenizer_object=...)`` of that BPE, then the token lists
+concatenated into one uint16 file (nanoGPT's prepare.py). Then the loader is timed: packed
+windows per second from the memory-mapped shards, synchronous and with prefetch threads.
+
+    python scripts/bench_data.py               # ~20 MB corpus
+    python scripts/bench_data.py --mb 5 --loader-batches 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def make_corpus(path: Path, mb: float, seed: int = 0) -> int:
+    """Zipf-distributed made-up words in documents of 50-2000 words; returns documents written."""
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = ["".join(rng.choice(letters) for _ in range(rng.randint(1, 9))) for _ in range(20000)]
+    weights = [1.0 / (i + 1) for i in range(len(vocab))]
+    punct = [".", ",", "!", "?", ";", ""]
+    n_docs, size, target = 0, 0, int(mb * 2**20)
+    with open(path, "w") as fh:
+        while size < target:
+            words = rng.choices(vocab, weights, k=rng.randint(50, 2000))
+            text = " ".join(w + rng.choice(punct) if rng.random() < 0.1 else w for w in words)
+            line = json.dumps({"text": text}) + "\n"
+            fh.write(line)
+            size += len(line)
+            n_docs += 1
+    return n_docs
+
+
+def bench_prepare(corpus: Path, tokenizer_json: Path, cache: Path, num_proc: int) -> tuple[float, int]:
+    from llmtrain.data.config import DataConfig
+    from llmtrain.data.prepare import load_meta, prepare
+
+    cfg = DataConfig(name=f"bench{num_proc}", sources=[str(corpus)], tokenizer=str(tokenizer_json),
+                     cache_dir=str(cache), num_proc=num_proc, val_fraction=0.0, progress=False)
+    started = time.perf_counter()
+    folder = prepare(cfg)
+    elapsed = time.perf_counter() - started
+    tokens = sum(s["splits"]["train"]["tokens"] for s in load_meta(folder)["sources"])
+    return elapsed, tokens
+
+
+def bench_baseline(corpus: Path, tokenizer_json: Path, work: Path, num_proc: int) -> tuple[float, float, int]:
+    """(seconds to tokenize with datasets.map, seconds including writing the .bin, tokens)."""
+    import datasets
+    import numpy as np
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    datasets.disable_progress_bars()
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_file(str(tokenizer_json)), eos_token="<|eos|>")
+    eos = hf_tok.eos_token_id
+
+    def tokenize(batch):
+        ids = hf_tok(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"ids": [x + [eos] for x in ids], "len": [len(x) + 1 for x in ids]}
+
+    started = time.perf_counter()
+    ds = datasets.load_dataset("json", data_files=str(corpus), split="train", cache_dir=str(work / "hf"))
+    ds = ds.map(tokenize, batched=True, num_proc=num_proc if num_proc > 1 else None, remove_columns=["text"])
+    mapped = time.perf_counter() - started
+    total = int(np.sum(ds["len"], dtype=np.int64))
+    out = np.memmap(work / "baseline.bin", dtype=np.uint16, mode="w+", shape=(total,))
+    pos = 0
+    for chunk in ds.iter(batch_size=1024):
+        flat = np.concatenate([np.asarray(x, dtype=np.uint16) for x in chunk["ids"]])
+        out[pos:pos + len(flat)] = flat
+        pos += len(flat)
+    out.flush()
+    return mapped, time.perf_counter() - started, total
+
+
+def bench_loader(cache: Path, corpus: Path, tokenizer_json: Path, seq_len: int, micro: int, workers: int, batches: int):
+    from llmtrain.data import build_data
+    from llmtrain.data.config import DataConfig
+
+    cfg = DataConfig(name="bench1", sources=[str(corpus)], tokenizer=str(tokenizer_json), cache_dir=str(cache),
+                     num_proc=1, val_fraction=0.0, num_workers=workers, progress=False)
+    loader = build_data(cfg, seq_len=seq_len, seed=0, rank=0, world_size=1, micro_batch_size=micro,
+                        global_batch_size=micro).train
+    loader.next_batch()  # start threads, build the first permutation
+    started = time.perf_counter()
+    for _ in range(batches):
+        loader.next_batch()
+    elapsed = time.perf_counter() - started
+    loader.close()
+    return batches * micro / elapsed, batches * micro * seq_len / elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mb", type=float, default=20.0, help="generated corpus size in MiB")
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--num-proc", type=int, default=2)
+    ap.add_argument("--loader-batches", type=int, default=2000)
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench_data_"))
+    os.environ.setdefault("HF_DATASETS_CACHE", str(work / "hf"))
+    try:
+        corpus = work / "corpus.jsonl"
+        n_docs = make_corpus(corpus, args.mb)
+        from llmtrain.data.sources import BadUtf8, SourceSpec, iter_documents
+        from llmtrain.data.tokenizer import train_bpe
+
+        spec = SourceSpec(path=str(corpus), type="jsonl", files=[corpus])
+        tok = train_bpe(iter_documents(spec, BadUtf8("error")), args.vocab)
+        tokenizer_json = work / "tokenizer.json"
+        tok.save(str(tokenizer_json))
+        print(f"corpus: {args.mb:.0f} MiB, {n_docs} documents; byte-level BPE vocab {args.vocab}; "
+              f"{os.cpu_count()} CPUs", flush=True)
+
+        rows = []
+        for num_proc in sorted({1, args.num_proc}):
+            secs, tokens = bench_prepare(corpus, tokenizer_json, work / "cache", num_proc)
+            rows.append((f"llmtrain prepare (num_proc={num_proc})", secs, tokens))
+        mapped, total_s, tokens = bench_baseline(corpus, tokenizer_json, work, args.num_proc)
+        rows.append((f"datasets.map + PreTrainedTokenizerFast (num_proc={args.num_proc})", mapped, tokens))
+        rows.append((f"  ... + write uint16 .bin", total_s, tokens))
+        base = rows[-1][1]
+        print(f"\n{'preparation':58s} {'seconds':>8s} {'tokens':>11s} {'tokens/s':>11s} {'vs baseline':>11s}")
+        for name, secs, toks in rows:
+            print(f"{name:58s} {secs:8.2f} {toks:11,d} {toks / secs:11,.0f} {base / secs:10.2f}x")
+
+        print(f"\n{'loader (one rank)':40s} {'windows/s':>12s} {'tokens/s':>14s}")
+        for seq_len, micro in ((128, 16), (1024, 16)):
+            for workers in (0, 1, 2):
+                windows, toks = bench_loader(work / "cache", corpus, tokenizer_json, seq_len, micro, workers,
+                                             args.loader_batches)
+                print(f"{f'seq_len={seq_len} micro={micro} num_workers={workers}':40s} {windows:12,.0f} {toks:14,.0f}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
