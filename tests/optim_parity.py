@@ -38,11 +38,8 @@ def trajectory(
             loss.backward()
             return loss
 
-        if closure:
-            opt.step(closure_fn)
-        else:
-            closure_fn()
-            opt.step()
+        closure_fn()  # the trainer's forward/backward, then step (with the closure if asked)
+        opt.step(closure_fn) if closure else opt.step()
         out.append([p.detach().clone() for p in params])
     return out
 
@@ -75,11 +72,8 @@ def assert_state_dict_round_trip(factory: OptFactory, steps: int = 3, closure: b
             loss.backward()
             return loss
 
-        if closure:
-            opt.step(closure_fn)
-        else:
-            closure_fn()
-            opt.step()
+        closure_fn()
+        opt.step(closure_fn) if closure else opt.step()
 
     for i in range(steps):
         step(opt, i)

@@ -8,14 +8,19 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {}
 
 # --- core registry (issue 6) ---------------------------------------------------------------
 from llmtrain.optim.adabelief import AdaBelief  # noqa: E402
+from llmtrain.optim.adafactor import Adafactor  # noqa: E402
 from llmtrain.optim.adagrad import Adagrad  # noqa: E402
 from llmtrain.optim.adam import Adam, AdamW  # noqa: E402
 from llmtrain.optim.adamw8bit import AdamW8bit  # noqa: E402
 from llmtrain.optim.lamb import Lamb  # noqa: E402
 from llmtrain.optim.lars import LARS  # noqa: E402
 from llmtrain.optim.lion import Lion  # noqa: E402
+from llmtrain.optim.muon import Muon  # noqa: E402
 from llmtrain.optim.rmsprop import RMSprop  # noqa: E402
+from llmtrain.optim.sam import SAM  # noqa: E402
+from llmtrain.optim.schedulefree import ScheduleFreeAdamW  # noqa: E402
 from llmtrain.optim.sgd import SGD  # noqa: E402
+from llmtrain.optim.sophia import SophiaG  # noqa: E402
 
 OPTIMIZERS.update({
     "sgd": SGD,
@@ -24,9 +29,14 @@ OPTIMIZERS.update({
     "adam": Adam,
     "adamw": AdamW,
     "adabelief": AdaBelief,
+    "adafactor": Adafactor,
     "lion": Lion,
     "lamb": Lamb,
     "lars": LARS,
+    "sophia": SophiaG,
+    "schedulefree_adamw": ScheduleFreeAdamW,
+    "muon": Muon,
+    "sam": SAM,
 })
 OPTIMIZERS["adamw8bit"] = AdamW8bit
 

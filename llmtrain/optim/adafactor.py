@@ -1,0 +1,142 @@
+"""Adafactor: factored second moments, relative step sizes, update clipping.
+
+Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost" (ICML 2018).
+Reference implementation: ``transformers.optimization.Adafactor`` (itself fairseq's), matched to
+1e-6 in every mode (tests/test_optim_adafactor.py).
+
+For a matrix the second moment is stored as its row and column means (R + C numbers instead of
+R·C), so state is ≪ 4 B/param without a first moment. ``scale_parameter`` makes the step relative
+to the parameter's RMS; ``clip_threshold`` caps the RMS of each update. With
+``relative_step=true`` the optimizer owns its schedule (step size min(1e-2, 1/√t), as in T5) and the
+configured lr and the trainer's schedule are ignored; the default (false) uses ``lr`` and the
+schedule, as in PaLM.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from llmtrain.optim._common import check_positive
+
+
+def _rms(t: torch.Tensor) -> torch.Tensor:
+    return t.norm(2) / (t.numel() ** 0.5)
+
+
+def factored_rsqrt(row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """1/√V̂ for the rank-1 estimate V̂ = R·Cᵀ / mean(R) of the second moment."""
+    r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+    return r_factor * col.unsqueeze(-2).rsqrt()
+
+
+def adafactor_update_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: dict,
+    *,
+    lr: float,
+    eps: tuple[float, float],
+    clip_threshold: float,
+    decay_rate: float,
+    beta1: Optional[float],
+    weight_decay: float,
+    scale_parameter: bool,
+    relative_step: bool,
+    warmup_init: bool,
+) -> None:
+    """One Adafactor step; ``state`` holds step, RMS and the row/col (or full) second moments."""
+    state["step"] += 1
+    step = state["step"]
+    state["RMS"] = _rms(param)
+    step_size = lr
+    if relative_step:
+        step_size = min(1e-6 * step if warmup_init else 1e-2, 1.0 / math.sqrt(step))
+    if scale_parameter:
+        step_size = max(eps[1], state["RMS"]) * step_size
+    beta2t = 1.0 - math.pow(step, decay_rate)  # increasing decay: 1 - t^-0.8
+    update = grad**2 + eps[0]
+    if "exp_avg_sq_row" in state:
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)
+        col.mul_(beta2t).add_(update.mean(dim=-2), alpha=1.0 - beta2t)
+        update = factored_rsqrt(row, col).mul_(grad)
+    else:
+        state["exp_avg_sq"].mul_(beta2t).add_(update, alpha=1.0 - beta2t)
+        update = state["exp_avg_sq"].rsqrt().mul_(grad)
+    update.div_((_rms(update) / clip_threshold).clamp_(min=1.0))
+    update.mul_(step_size)
+    if beta1 is not None:
+        update = state["exp_avg"].mul_(beta1).add_(update, alpha=1.0 - beta1)
+    if weight_decay != 0.0:
+        param.add_(param, alpha=-weight_decay * step_size)
+    param.add_(-update)
+
+
+class Adafactor(torch.optim.Optimizer):
+    """Adafactor for every parameter; factored statistics for tensors with ndim >= 2."""
+
+    state_bytes_per_param: float = 0.05  # row+col sums; ~4 more with beta1 (first moment)
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-2,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        beta1: Optional[float] = None,
+        weight_decay: float = 0.0,
+        scale_parameter: bool = True,
+        relative_step: bool = False,
+        warmup_init: bool = False,
+    ):
+        check_positive("learning rate", lr)
+        check_positive("clip_threshold", clip_threshold, allow_zero=False)
+        check_positive("weight_decay value", weight_decay)
+        if warmup_init and not relative_step:
+            raise ValueError("Invalid warmup_init: it requires relative_step=true")
+        if decay_rate >= 0:
+            raise ValueError(f"Invalid decay_rate: {decay_rate} (expected < 0, e.g. -0.8)")
+        if beta1 is not None and not 0.0 <= beta1 < 1.0:
+            raise ValueError(f"Invalid beta1: {beta1}")
+        defaults = dict(lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
+                        weight_decay=weight_decay, scale_parameter=scale_parameter, relative_step=relative_step,
+                        warmup_init=warmup_init)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Adafactor does not support sparse gradients")
+                grad = p.grad.float()
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = 0
+                    if group["beta1"] is not None:
+                        state["exp_avg"] = torch.zeros_like(grad)
+                    if grad.ndim >= 2:
+                        state["exp_avg_sq_row"] = grad.new_zeros(grad.shape[:-1])
+                        state["exp_avg_sq_col"] = grad.new_zeros(grad.shape[:-2] + grad.shape[-1:])
+                    else:
+                        state["exp_avg_sq"] = torch.zeros_like(grad)
+                master = p.float() if p.dtype in (torch.float16, torch.bfloat16) else p
+                adafactor_update_(
+                    master, grad, state, lr=float(group["lr"]), eps=group["eps"],
+                    clip_threshold=group["clip_threshold"], decay_rate=group["decay_rate"], beta1=group["beta1"],
+                    weight_decay=group["weight_decay"], scale_parameter=group["scale_parameter"],
+                    relative_step=group["relative_step"], warmup_init=group["warmup_init"],
+                )
+                if master is not p:
+                    p.copy_(master)
+        return loss
