@@ -442,6 +442,24 @@ def comparison_rows(runs: Sequence[Run], best: Mapping[str, Run], target: Option
     return rows
 
 
+def tuning_notes(runs: Sequence[Run], best: Mapping[str, Run]) -> dict[str, str]:
+    """optimizer -> why its best lr may not be its best: one lr tried, or best at the grid's edge.
+
+    A best lr at the edge of the grid means the optimum may lie outside it; the comparison is
+    fair only once the grid brackets it (the next lr out is worse or diverged).
+    """
+    notes = {}
+    for name, run in best.items():
+        lrs = sorted({r.lr for r in runs if r.optimizer == name and r.lr is not None})
+        if len(lrs) == 1:
+            notes[name] = "one lr tried: not tuned"
+        elif run.lr == lrs[0]:
+            notes[name] = f"best lr is the smallest tried ({_fmt(run.lr, 'lr')}): try smaller"
+        elif run.lr == lrs[-1]:
+            notes[name] = f"best lr is the largest tried ({_fmt(run.lr, 'lr')}): try larger"
+    return notes
+
+
 def _ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
     return num / den if num is not None and den else None
 
@@ -611,6 +629,7 @@ class Report:
     rows: list[Row]
     differences: dict[str, list[Any]]
     plots: dict[str, Path]
+    notes: dict[str, str] = field(default_factory=dict)
 
 
 def build_report(sweep_dir: str | os.PathLike, *, target: Optional[float] = None,
@@ -642,7 +661,7 @@ def build_report(sweep_dir: str | os.PathLike, *, target: Optional[float] = None
         "lr_sensitivity": _plot_lr_sensitivity(runs, colors, select, diverge_factor, out / "lr_sensitivity.png"),
     }
     report = Report(Path(sweep_dir), runs, statuses, best, target, target_source, baseline, select, rows,
-                    config_differences(runs), plots)
+                    config_differences(runs), plots, tuning_notes(runs, best))
     (out / "report.md").write_text(render_markdown(report, out))
     return report
 
@@ -673,6 +692,11 @@ def render_markdown(report: Report, out_dir: Path) -> str:
         "(optimizer state is per rank).",
         "",
     ]
+    if report.notes:
+        lines += ["## Tuning warnings", "",
+                  "An optimizer is tuned fairly when its lr grid brackets the best lr:", ""]
+        lines += [f"- **{name}**: {note}" for name, note in report.notes.items()]
+        lines.append("")
     if report.differences:
         lines += ["## Warning: runs differ in more than the optimizer", "",
                   "A fair comparison keeps model, data, seed and token budget equal. These keys differ:", ""]

@@ -190,6 +190,19 @@ def test_best_lr_final_vs_best_selection(tmp_path):
     assert best_lr_per_optimizer(runs, "best")["sgd"].lr == 1e-2
 
 
+def test_tuning_notes_flag_untuned_and_edge_of_grid_optimizers(tmp_path):
+    write_run(tmp_path / "a1", "adamw", 1e-3, [5.0, 3.5])
+    write_run(tmp_path / "a2", "adamw", 3e-3, [5.0, 3.0])
+    write_run(tmp_path / "a3", "adamw", 1e-2, [5.0, 3.2])
+    write_run(tmp_path / "l1", "lion", 1e-4, [5.0, 3.5])
+    write_run(tmp_path / "l2", "lion", 3e-4, [5.0, 3.1])
+    write_run(tmp_path / "m1", "muon", 0.02, [5.0, 3.0])
+    runs = load_runs(tmp_path)
+    notes = report.tuning_notes(runs, best_lr_per_optimizer(runs))
+    assert notes == {"lion": "best lr is the largest tried (0.0003): try larger",
+                     "muon": "one lr tried: not tuned"}
+
+
 def test_best_lr_tie_goes_to_smaller_lr(tmp_path):
     write_run(tmp_path / "x", "lion", 3e-4, [5.0, 3.0])
     write_run(tmp_path / "y", "lion", 1e-4, [5.0, 3.0])
@@ -218,6 +231,9 @@ def test_report_end_to_end_on_a_sweep_with_bad_runs(sweep, capsys):
     assert "| 4 | muon | 0.02 | failed | CUDA error: out of memory |" in bad_section
     assert "| 0 |" not in bad_section
     assert "runs differ" not in text
+    # adamw's best (1e-3) is the smaller of its two lrs; lion's 1e-4 is below its diverged 3e-4.
+    assert "- **adamw**: best lr is the smallest tried (0.001): try smaller" in text
+    assert "- **lion**: best lr is the smallest tried (0.0001): try smaller" in text
     assert "report.md" in capsys.readouterr().out
 
 
@@ -323,16 +339,17 @@ def test_wandb_logging_uses_the_runs_mode_and_one_group_per_sweep(sweep, monkeyp
 
 
 def test_wandb_disabled_by_env_or_config(sweep, monkeypatch):
+    runs = load_runs(sweep)                        # logged with logger.wandb.mode=disabled
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert report._wandb_mode(runs, None) == "disabled"
+    assert report._wandb_mode(runs, "offline") == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert report._wandb_mode(runs, "online") == "disabled"
+    # And end to end: with W&B disabled the report never imports or calls wandb.
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    assert main([str(sweep)]) == 0                 # runs were logged with mode disabled
-    monkeypatch.setenv("WANDB_MODE", "disabled")
     assert main([str(sweep), "--wandb", "offline"]) == 0
     assert fake.inits == []
-    monkeypatch.delenv("WANDB_MODE")
-    assert main([str(sweep), "--wandb", "offline"]) == 0
-    assert len(fake.inits) == 1
 
 
 def test_wandb_failure_keeps_the_report(sweep, monkeypatch, capsys):
