@@ -40,8 +40,10 @@ class GPT(DecoderLM):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        # _weight skips nn.Embedding's own normal_ init: init_weights does it, and on the meta
+        # device the first normal_ costs seconds of lazy imports (the dry-run planner builds here).
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, _weight=torch.empty(cfg.vocab_size, cfg.d_model))
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model, _weight=torch.empty(cfg.max_seq_len, cfg.d_model))
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(GPTBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)

@@ -45,16 +45,18 @@ class Llama(DecoderLM):
         super().__init__()
         self.cfg = cfg
         self.head_dim = cfg.d_model // cfg.n_heads
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # _weight skips nn.Embedding's own normal_ init: init_weights does it, and on the meta
+        # device the first normal_ costs seconds of lazy imports (the dry-run planner builds here).
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, _weight=torch.empty(cfg.vocab_size, cfg.d_model))
         self.layers = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        # Derived from the config, so not saved in checkpoints (persistent=False).
-        cos, sin = rope_cos_sin(self.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        # RoPE tables derive from the config, so they stay out of checkpoints (persistent=False);
+        # reset_buffers fills them (on meta they stay empty until to_empty + init_weights).
+        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, self.head_dim), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, self.head_dim), persistent=False)
         if self.embed.weight.device.type != "meta":
             self.init_weights()
 
