@@ -3,6 +3,8 @@
 Layout: ``RUN_DIR/checkpoints/step_N/`` with ``model.pt`` (the unwrapped model's fp32
 state_dict), ``optim.pt`` (optimizer state_dict), ``trainer.pt`` (step, token count, RNG
 states, data-loader position, counters, W&B run id) and a ``COMPLETE`` marker written last.
+Multi-process runs write ``dcp/`` (torch.distributed.checkpoint shards, one set per rank) in place
+of model.pt/optim.pt; ``restore`` loads either layout on any world size (see below).
 A checkpoint is written under ``.tmp_step_N`` and renamed into place, so a crash mid-save never
 leaves a directory that looks valid. Everything loads with ``weights_only=True``.
 """
@@ -69,14 +71,6 @@ def _load(path: Path) -> Any:
         raise UserError(str(path), f"cannot be loaded with weights_only=True ({type(err).__name__})") from None
 
 
-def load_model_state(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The consolidated model state_dict of a checkpoint (for export and init)."""
-    ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / MARKER).is_file():
-        raise UserError(str(ckpt_dir), f"not a complete checkpoint (no {MARKER} marker)")
-    return _load(ckpt_dir / "model.pt")
-
-
 def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -128,3 +122,276 @@ def load_checkpoint(ckpt_dir: str | Path) -> tuple[dict, dict, dict]:
     ckpt_dir = Path(ckpt_dir)
     model_state = load_model_state(ckpt_dir)
     return model_state, _load(ckpt_dir / "optim.pt"), _load(ckpt_dir / "trainer.pt")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded checkpoints (more than one process): torch.distributed.checkpoint (DCP).
+#
+# Layout: ``step_N/dcp/`` (each rank writes its own shards plus ``.metadata``), ``trainer.pt``
+# (rank 0) and ``COMPLETE``. The DCP state is one flat dict keyed by parameter name, so it does
+# not depend on the world size or the strategy that wrote it:
+#   ``model/<fqn>``                        model tensors (DTensor shards under FSDP/HSDP)
+#   ``optim/<fqn>/<state key>[/<sub>...]``  optimizer state of the parameter named <fqn>
+#   ``optim_groups``                        the param groups' hyperparameters, in build order
+# Resuming on any world size (including one process, without a process group) builds a template
+# of the tensors this rank needs, sharded like its own parameters, and lets DCP reshard into it.
+# ---------------------------------------------------------------------------------------------
+
+DCP_DIR = "dcp"
+_LIST_MARK = "#"  # marks a list index in a flattened optimizer-state key
+
+
+def is_sharded_checkpoint(ckpt_dir: str | Path) -> bool:
+    return (Path(ckpt_dir) / DCP_DIR / ".metadata").is_file()
+
+
+def _is_dtensor(t: Any) -> bool:
+    return hasattr(t, "device_mesh") and hasattr(t, "to_local")
+
+
+def _param_names(model: torch.nn.Module) -> dict[int, str]:
+    return {id(p): name for name, p in model.named_parameters(remove_duplicate=True)}
+
+
+def _inner(optimizer) -> torch.optim.Optimizer:
+    return getattr(optimizer, "inner", optimizer)
+
+
+def _model_param(optimizer, tensor: torch.Tensor) -> torch.Tensor:
+    """The model parameter an optimizer tensor stands for (owner-rank wrappers keep copies)."""
+    param_for = getattr(optimizer, "param_for", None)
+    return param_for(tensor) if callable(param_for) else tensor
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            _flatten(f"{prefix}/{k}", v, out)
+    elif isinstance(value, (list, tuple)) and value and any(isinstance(v, torch.Tensor) for v in value):
+        for i, v in enumerate(value):
+            _flatten(f"{prefix}/{_LIST_MARK}{i}", v, out)
+    else:
+        out[prefix] = value
+
+
+def _unflatten(entries: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of _flatten for the part after ``optim/<fqn>/``; list marks rebuild lists."""
+    root: dict[str, Any] = {}
+    for path, value in entries.items():
+        parts = path.split("/")
+        node = root
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+
+    def fix(node):
+        if not isinstance(node, dict):
+            return node
+        if node and all(k.startswith(_LIST_MARK) for k in node):
+            return [fix(node[k]) for k in sorted(node, key=lambda k: int(k[len(_LIST_MARK):]))]
+        return {_key(k): fix(v) for k, v in node.items()}
+
+    return fix(root)
+
+
+def _key(k: str) -> Any:
+    return int(k) if k.lstrip("-").isdigit() else k
+
+
+def _groups_hyperparams(optimizer) -> list[dict[str, Any]]:
+    return [{k: v for k, v in g.items() if k != "params"} for g in _inner(optimizer).param_groups]
+
+
+def sharded_state(model: torch.nn.Module, optimizer) -> dict[str, Any]:
+    """The flat, name-keyed DCP state of ``model`` (unwrapped) and ``optimizer`` on this rank."""
+    names = _param_names(model)
+    flat: dict[str, Any] = {f"model/{k}": v for k, v in model.state_dict().items()}
+    inner = _inner(optimizer)
+    for group in inner.param_groups:
+        for p in group["params"]:
+            if p in inner.state and inner.state[p]:
+                _flatten(f"optim/{names[id(_model_param(optimizer, p))]}", dict(inner.state[p]), flat)
+    flat["optim_groups"] = _groups_hyperparams(optimizer)
+    return flat
+
+
+def save_sharded_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer,
+                            trainer_state: dict[str, Any], env, keep: int = 2) -> Path:
+    """Every rank writes its shards; rank 0 writes trainer.pt, then the marker after a barrier."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    root = checkpoint_root(run_dir)
+    final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
+    if env.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    dist.barrier()
+    dcp.save(sharded_state(model, optimizer), storage_writer=dcp.FileSystemWriter(str(tmp / DCP_DIR)))
+    if env.is_main:
+        torch.save(trainer_state, tmp / "trainer.pt")
+    dist.barrier()  # every rank's shards are on disk before the checkpoint becomes valid
+    if env.is_main:
+        (tmp / MARKER).write_text(f"step {step}\nworld_size {env.world_size}\nstrategy {env.strategy}\n")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def _read_metadata(ckpt_dir: Path):
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        return dcp.FileSystemReader(str(ckpt_dir / DCP_DIR)).read_metadata()
+    except Exception as err:
+        raise UserError(str(ckpt_dir / DCP_DIR), f"unreadable sharded checkpoint ({type(err).__name__}: {err})") from None
+
+
+def _dcp_load(template: dict[str, Any], ckpt_dir: Path) -> None:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    no_dist = not (dist.is_available() and dist.is_initialized())
+    dcp.load(template, storage_reader=dcp.FileSystemReader(str(ckpt_dir / DCP_DIR)), no_dist=no_dist)
+
+
+def _empty_like_target(size, dtype, target: torch.Tensor) -> torch.Tensor:
+    """A tensor to load a saved value into: sharded like ``target`` when it has target's shape."""
+    if _is_dtensor(target) and tuple(size) == tuple(target.shape):
+        from torch.distributed.tensor import empty as dtensor_empty
+
+        return dtensor_empty(tuple(size), dtype=dtype, device_mesh=target.device_mesh, placements=target.placements)
+    device = target.to_local().device if _is_dtensor(target) else target.device
+    return torch.empty(tuple(size), dtype=dtype, device=device)
+
+
+def load_model_state(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The consolidated model state_dict of a checkpoint (for export and init), either layout.
+
+    A sharded checkpoint is stitched together from every rank's shards in this one process.
+    """
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / MARKER).is_file():
+        raise UserError(str(ckpt_dir), f"not a complete checkpoint (no {MARKER} marker)")
+    if not is_sharded_checkpoint(ckpt_dir):
+        return _load(ckpt_dir / "model.pt")
+    import torch.distributed.checkpoint as dcp
+
+    meta = _read_metadata(ckpt_dir)
+    template = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
+                if k.startswith("model/") and isinstance(m, TensorStorageMetadata)}
+    dcp.load(template, storage_reader=dcp.FileSystemReader(str(ckpt_dir / DCP_DIR)), no_dist=True)
+    return {k[len("model/"):]: v for k, v in template.items()}
+
+
+def _load_model_values(model: torch.nn.Module, values: dict[str, torch.Tensor]) -> None:
+    """Copy full or already-sharded values into the model (shards of a DTensor kept locally)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    current = model.state_dict()
+    missing = sorted(set(current) - set(values))
+    if missing:
+        raise UserError("resume", f"checkpoint lacks model tensors {missing[:3]} (a different model config?)")
+    out = {}
+    for name, target in current.items():
+        value = values[name]
+        if tuple(value.shape) != tuple(target.shape):
+            raise UserError("resume", f"checkpoint tensor {name} has shape {tuple(value.shape)}, model has {tuple(target.shape)}")
+        if _is_dtensor(target) and not _is_dtensor(value):
+            value = distribute_tensor(value.to(target.to_local().device, target.dtype), target.device_mesh,
+                                      target.placements, src_data_rank=None)
+        out[name] = value
+    model.load_state_dict(out)
+
+
+def _load_optimizer_values(optimizer, model: torch.nn.Module, state: dict[str, dict], groups: list[dict]) -> None:
+    """Load name-keyed optimizer state (full or sharded values) into this rank's optimizer."""
+    from torch.distributed.tensor import distribute_tensor
+
+    inner = _inner(optimizer)
+    names = _param_names(model)
+    if len(groups) != len(inner.param_groups):
+        raise UserError("resume", f"checkpoint has {len(groups)} optimizer param groups, this optimizer {len(inner.param_groups)} (a different optim config?)")
+
+    def place(value: Any, target: torch.Tensor) -> Any:
+        if isinstance(value, dict):
+            return {k: place(v, target) for k, v in value.items()}
+        if isinstance(value, list):
+            return [place(v, target) for v in value]
+        if _is_dtensor(target) and isinstance(value, torch.Tensor) and not _is_dtensor(value) \
+                and tuple(value.shape) == tuple(target.shape) and value.ndim > 0:
+            return distribute_tensor(value.to(target.to_local().device), target.device_mesh, target.placements, src_data_rank=None)
+        return value
+
+    native_state, native_groups, index = {}, [], 0
+    for saved, group in zip(groups, inner.param_groups):
+        ids = []
+        for p in group["params"]:
+            name = names[id(_model_param(optimizer, p))]
+            if name in state:
+                native_state[index] = place(state[name], p)
+            ids.append(index)
+            index += 1
+        native_groups.append({**saved, "params": ids})
+    inner.load_state_dict({"state": native_state, "param_groups": native_groups})
+
+
+def _full_param_order(optimizer) -> list[torch.Tensor]:
+    """Parameters in build order, as a one-process optimizer enumerates them in its state_dict."""
+    all_params = getattr(optimizer, "all_params", None)
+    return list(all_params) if all_params is not None else [p for g in optimizer.param_groups for p in g["params"]]
+
+
+def restore(ckpt_dir: str | Path, model: torch.nn.Module, optimizer) -> dict[str, Any]:
+    """Load a checkpoint of either layout into ``model`` (unwrapped) and ``optimizer`` on any
+    world size, and return the trainer state (step, RNG, data position ...)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    ckpt_dir = Path(ckpt_dir)
+    if not is_sharded_checkpoint(ckpt_dir):
+        model_state, optim_state, trainer_state = load_checkpoint(ckpt_dir)
+        _load_model_values(model, model_state)
+        names = _param_names(model)
+        order = [names[id(p)] for p in _full_param_order(optimizer)]
+        state = {order[i]: v for i, v in optim_state["state"].items()}
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optim_state["param_groups"]]
+        _load_optimizer_values(optimizer, model, state, groups)
+        return trainer_state
+
+    meta = _read_metadata(ckpt_dir)
+    names = _param_names(model)
+    inner = _inner(optimizer)
+    mine = {names[id(_model_param(optimizer, p))]: p for g in inner.param_groups for p in g["params"]}
+    template: dict[str, Any] = {f"model/{k}": v for k, v in model.state_dict().items()}
+    missing = [k for k in template if k not in meta.state_dict_metadata]
+    if missing:
+        raise UserError("resume", f"checkpoint lacks model tensors {[k[6:] for k in missing[:3]]} (a different model config?)")
+    template["optim_groups"] = None
+    for key, m in meta.state_dict_metadata.items():
+        if not key.startswith("optim/"):
+            continue
+        name = key.split("/")[1]
+        if name not in mine:
+            continue  # another rank owns this parameter's state
+        if isinstance(m, TensorStorageMetadata):
+            template[key] = _empty_like_target(m.size, m.properties.dtype, mine[name])
+        else:
+            template[key] = None
+    _dcp_load(template, ckpt_dir)
+    _load_model_values(model, {k[len("model/"):]: v for k, v in template.items() if k.startswith("model/")})
+    per_param: dict[str, dict[str, Any]] = {}
+    for key, value in template.items():
+        if key.startswith("optim/"):
+            _, name, rest = key.split("/", 2)
+            per_param.setdefault(name, {})[rest] = value
+    state = {name: _unflatten(entries) for name, entries in per_param.items()}
+    _load_optimizer_values(optimizer, model, state, template["optim_groups"])
+    return _load(ckpt_dir / "trainer.pt")

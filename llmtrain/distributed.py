@@ -3,6 +3,24 @@
 The trainer asks only for: ``init_distributed`` (who am I, which device), ``parallelize`` (wrap
 the model), ``grad_sync`` (skip gradient reduction on accumulation micro-steps), ``unwrap`` (the
 plain model for generation and export) and ``all_reduce_mean`` (a global loss for logging).
+
+What each strategy shards (N data-parallel ranks):
+
+=========  ==================  ===================  =============================================
+strategy   parameters          gradients            optimizer state
+=========  ==================  ===================  =============================================
+none       one process         -                    -
+ddp        replicated          all-reduced          replicated
+zero1      replicated          all-reduced          1/N: each tensor owned by one rank
+zero2      1/N between steps,  reduce-scattered     1/N (local shards; FSDP2, no reshard after
+           whole in fwd/bwd                         forward)
+fsdp       1/N (ZeRO-3)        reduce-scattered     1/N (FSDP2 per block + root)
+hsdp       1/S within a node,  reduce-scattered in  1/S (S = ranks per node); replicated across
+           replicated across   a node, all-reduced  nodes
+           nodes               across nodes
+=========  ==================  ===================  =============================================
+
+Zero1 and matrix optimizers on sharded parameters go through ``llmtrain.optim.sharded``.
 """
 
 from __future__ import annotations
@@ -11,12 +29,14 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
 from llmtrain.errors import ConfigError
+
+SHARDED_PARAM_STRATEGIES = ("zero2", "fsdp", "hsdp")  # parameters are DTensor shards
 
 
 @dataclass
@@ -26,6 +46,7 @@ class DistEnv:
     world_size: int = 1
     device: torch.device = torch.device("cpu")
     strategy: str = "none"
+    mesh: Any = None  # the DeviceMesh the parameters are sharded over (zero2/fsdp/hsdp), set by parallelize
 
     @property
     def is_main(self) -> bool:
@@ -35,6 +56,10 @@ class DistEnv:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def shards_params(self) -> bool:
+        return self.strategy in SHARDED_PARAM_STRATEGIES
+
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
@@ -42,6 +67,8 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device", f"got {name!r} but no CUDA GPU is visible; use auto or cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
     return device
 
 
@@ -56,7 +83,11 @@ def resolve_strategy(strategy: str, world_size: int) -> str:
 
 
 def init_distributed(device_name: str, strategy: str, timeout_s: int = 600) -> DistEnv:
-    """Join the torchrun process group if launched by torchrun; NCCL on GPU, gloo on CPU."""
+    """Join the torchrun process group if launched by torchrun; NCCL on GPU, gloo on CPU.
+
+    ``timeout_s`` bounds every collective, so a rank that dies leaves the others waiting at most
+    that long (torchrun also tears the whole job down as soon as one worker exits non-zero).
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -70,21 +101,95 @@ def init_distributed(device_name: str, strategy: str, timeout_s: int = 600) -> D
     return DistEnv(rank, local_rank, world_size, device, strategy)
 
 
-def parallelize(model: torch.nn.Module, env: DistEnv, compile: bool = False) -> torch.nn.Module:
-    """Wrap the model for the strategy, then compile. Activation checkpointing lives in the model."""
-    if env.strategy == "ddp":
+def hsdp_shape(world_size: int, gpus_per_node: int, local_world_size: Optional[int] = None) -> tuple[int, int]:
+    """(replicas, shard size) of the HSDP mesh: shard within a node, replicate across nodes.
+
+    The shard size is the number of ranks on a node (torchrun's LOCAL_WORLD_SIZE), capped by
+    ``distributed.gpus_per_node`` so a smaller shard group can be asked for explicitly.
+    """
+    shard = min(gpus_per_node, local_world_size or gpus_per_node)
+    if shard <= 0 or world_size % shard:
+        raise ConfigError("distributed.gpus_per_node",
+                          f"hsdp shards over {shard} ranks per node, which does not divide the world size {world_size}")
+    return world_size // shard, shard
+
+
+def device_mesh(env: DistEnv, gpus_per_node: int = 8):
+    """1-D mesh over all ranks (zero2/fsdp) or 2-D (replicate, shard) mesh (hsdp)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if env.strategy == "hsdp":
+        local = os.environ.get("LOCAL_WORLD_SIZE")
+        shape = hsdp_shape(env.world_size, gpus_per_node, int(local) if local else None)
+        return init_device_mesh(env.device.type, shape, mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(env.device.type, (env.world_size,), mesh_dim_names=("shard",))
+
+
+def _fully_shard(model: torch.nn.Module, env: DistEnv, mesh, param_dtype: Optional[torch.dtype],
+                 compile: bool) -> torch.nn.Module:
+    """FSDP2 per transformer block, then at the root (torchtitan's order: compile, then shard)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    low_precision = param_dtype in (torch.bfloat16, torch.float16)
+    # Compute in bf16, reduce gradients and keep master weights and optimizer state in fp32.
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if low_precision else MixedPrecisionPolicy()
+    # zero2 keeps whole parameters from forward to backward (no second all-gather); zero3 frees them.
+    reshard = env.strategy != "zero2"
+    blocks = getattr(model, "layers", None)
+    if blocks is None:
+        raise ConfigError("distributed.strategy", f"{env.strategy} shards per transformer block, but {type(model).__name__} has no .layers")
+    for i, block in enumerate(blocks):
+        if compile:
+            block.compile()
+        # The last block's parameters are needed again right away by backward: keep them.
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard and i < len(blocks) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    return model
+
+
+def parallelize(model: torch.nn.Module, env: DistEnv, compile: bool = False,
+                param_dtype: Optional[torch.dtype] = None, options: Any = None) -> torch.nn.Module:
+    """Wrap the model for ``env.strategy``, with compile applied in the order each wrapper needs.
+
+    ``param_dtype`` is the training precision (bf16 selects FSDP's bf16-compute / fp32-reduce
+    policy); ``options`` is the ``distributed`` config (gpus_per_node, grad_compression).
+    Activation checkpointing lives in the model, so it composes with every strategy.
+    """
+    gpus_per_node = getattr(options, "gpus_per_node", 8)
+    compression = getattr(options, "grad_compression", "none")
+    if compression != "none" and env.strategy != "ddp" and env.world_size > 1:
+        raise ConfigError("distributed.grad_compression", f"{compression} compresses DDP's all-reduce; use distributed.strategy=ddp or grad_compression=none")
+    if env.strategy in ("ddp", "zero1"):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         model = DDP(model, device_ids=device_ids)
+        if compression == "powersgd":
+            register_powersgd(model, getattr(options, "powersgd_rank", 4))
+    elif env.strategy in SHARDED_PARAM_STRATEGIES:
+        env.mesh = device_mesh(env, gpus_per_node)
+        model = _fully_shard(model, env, env.mesh, param_dtype, compile)
+        return model
     elif env.strategy != "none":
-        raise ConfigError("distributed.strategy", f"{env.strategy} is not available in this build; expected none or ddp")
+        raise ConfigError("distributed.strategy", f"got {env.strategy!r}, expected none, ddp, zero1, zero2, fsdp, hsdp or auto")
     if compile:
         model = torch.compile(model)
     return model
 
 
+def register_powersgd(model: torch.nn.Module, rank: int) -> None:
+    """Low-rank gradient compression for DDP (Vogels et al. 2019; torch's powerSGD_hook)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
+
+    if rank <= 0:
+        raise ConfigError("distributed.powersgd_rank", f"got {rank}, expected a positive integer")
+    state = powersgd.PowerSGDState(process_group=None, matrix_approximation_rank=rank, start_powerSGD_iter=2,
+                                   min_compression_rate=1.0, use_error_feedback=True, warm_start=True)
+    model.register_comm_hook(state, powersgd.powerSGD_hook)
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model without compile/DDP wrappers (FSDP2 shards in place: the same object)."""
     model = getattr(model, "_orig_mod", model)  # torch.compile
     return getattr(model, "module", model)       # DDP
 
@@ -93,9 +198,17 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def grad_sync(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
     """Reduce gradients only on the last micro-step of an accumulation window."""
     inner = getattr(model, "_orig_mod", model)
-    if not enabled and hasattr(inner, "no_sync"):
+    if enabled:
+        yield
+    elif hasattr(inner, "no_sync"):  # DDP
         with inner.no_sync():
             yield
+    elif hasattr(inner, "set_requires_gradient_sync"):  # FSDP2: gradients accumulate unsharded
+        inner.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            inner.set_requires_gradient_sync(True)
     else:
         yield
 
