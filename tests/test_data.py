@@ -309,3 +309,21 @@ def test_hub_tokenizer_name_offline_is_one_line(tmp_path, monkeypatch):
     assert "\n" not in str(err.value)
     with pytest.raises(DataError, match=r"^\./missing/tokenizer\.json: no tokenizer\.json here"):
         prepare(cfg_for(tmp_path, [str(tmp_path / "txt")], tokenizer="./missing/tokenizer.json"))
+
+
+def test_doc_separator_splits_a_text_file_into_documents(tmp_path):
+    docs = [d.strip() for d in make_docs(10, seed=15)]
+    (tmp_path / "all.txt").write_text("\n\n".join(docs) + "\n")
+    folder = prepare(cfg_for(tmp_path, [{"path": str(tmp_path / "all.txt"), "doc_separator": "\n\n"}]))
+    got = sorted(d.strip() for d in documents_in(folder))
+    assert got == sorted(docs)
+    assert load_meta(folder)["sources"][0]["splits"]["val"]["documents"] == 1
+
+
+def test_corpus_too_small_for_the_requested_vocab(tmp_path):
+    write_txt(tmp_path / "txt", ["ab ba ab ba aab\n"] * 4)
+    bundle = build_data(cfg_for(tmp_path, [str(tmp_path / "txt")], vocab_size=4096), seq_len=2, seed=0, rank=0,
+                        world_size=1, micro_batch_size=1, global_batch_size=1)
+    assert bundle.vocab_size < 4096
+    with pytest.raises(ConfigError, match=rf"^data\.vocab_size: the corpus only supports a {bundle.vocab_size}-token BPE"):
+        check_vocab(4096, bundle, 0)

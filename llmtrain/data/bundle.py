@@ -99,6 +99,13 @@ def check_vocab(model_vocab_size: int, bundle: DataBundle, pad_to_multiple_of: i
         raise ConfigError("data.pad_vocab_to_multiple_of", f"got {pad_to_multiple_of}, expected >= 0")
     if pad_to_multiple_of:
         return -(-bundle.vocab_size // pad_to_multiple_of) * pad_to_multiple_of
+    requested = bundle.meta.get("requested_vocab_size")
+    if requested and requested > bundle.vocab_size and model_vocab_size == requested:
+        raise ConfigError(
+            "data.vocab_size",
+            f"the corpus only supports a {bundle.vocab_size}-token BPE ({requested} asked for); set "
+            f"data.vocab_size={bundle.vocab_size} or data.pad_vocab_to_multiple_of=64",
+        )
     if model_vocab_size != bundle.vocab_size:
         raise ConfigError(
             "model.vocab_size",

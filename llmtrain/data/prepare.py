@@ -255,6 +255,7 @@ def _build(cfg: DataConfig, specs: list[SourceSpec], external, key: str, folder:
         "key": key,
         "name": cfg.name,
         "vocab_size": vocab_size,
+        "requested_vocab_size": cfg.vocab_size if external is None else None,
         "eos_id": eos_id,
         "dtype": dtype.name,
         "tokenizer": "tokenizer.json",

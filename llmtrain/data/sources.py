@@ -1,7 +1,8 @@
 """Corpus sources: resolve ``data.sources`` entries to files and iterate their documents as text.
 
 A source is ``{path, weight, text_field, type, ...}`` (or just a path string). ``type`` is inferred
-from the extension when omitted: ``.txt`` (one document per file), ``.jsonl`` / ``.json`` (one
+from the extension when omitted: ``.txt`` (one document per file, or
+pieces split at ``doc_separator``), ``.jsonl`` / ``.json`` (one
 document per record, text under ``text_field``), ``.parquet`` / ``.arrow`` (one per row of the
 ``text_field`` column). ``type: hf`` streams a Hugging Face dataset by name (or a local dataset
 folder). ``path`` may be a file, a glob or a folder (every file of a known type inside it).
@@ -21,7 +22,7 @@ from llmtrain.errors import ConfigError, DataError, choices
 
 EXTENSIONS = {".txt": "txt", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 TYPES = ("txt", "jsonl", "json", "parquet", "arrow", "hf", "shakespeare")
-SOURCE_KEYS = ("path", "weight", "text_field", "type", "name", "split", "revision", "max_documents")
+SOURCE_KEYS = ("path", "weight", "text_field", "type", "name", "split", "revision", "max_documents", "doc_separator")
 
 
 @dataclass
@@ -36,6 +37,7 @@ class SourceSpec:
     split: str = "train"                 # hf: which split to stream
     revision: Optional[str] = None       # hf: pin a dataset revision
     max_documents: Optional[int] = None  # stop after this many documents (any type)
+    doc_separator: Optional[str] = None  # txt: split each file into documents at this string
     files: list[Path] = field(default_factory=list)
 
     def fingerprint(self) -> dict[str, Any]:
@@ -102,6 +104,7 @@ def resolve_sources(sources: list[Any]) -> list[SourceSpec]:
             path=str(entry["path"]), type=kind or "", weight=None if weight is None else float(weight),
             text_field=str(entry.get("text_field") or "text"), name=entry.get("name"),
             split=str(entry.get("split") or "train"), revision=entry.get("revision"), max_documents=max_docs,
+            doc_separator=entry.get("doc_separator") or None,
         )
         if kind != "hf":
             spec.files = _files_for(spec.path, key, kind)
@@ -239,7 +242,11 @@ def iter_documents(spec: SourceSpec, utf8: BadUtf8) -> Iterator[str]:
             kind = file_type(spec, f)
             if kind == "txt":
                 text = utf8.decode(f.read_bytes(), str(f))
-                if text is not None:
+                if text is None:
+                    continue
+                if spec.doc_separator:
+                    yield from (doc for doc in text.split(spec.doc_separator) if doc.strip())
+                else:
                     yield text
             elif kind == "jsonl":
                 yield from _iter_jsonl(f, spec, utf8)
