@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from llmtrain.optim.kernels._launch import (
-    LaunchTables, LazyKernel, block_sizes, check_writable, contiguous_grad, device_step, group_by,
+    interpret_mode, LaunchTables, LazyKernel, block_sizes, check_writable, contiguous_grad, device_step, group_by,
     local_tensor, scalar_operand,
 )
 from llmtrain.optim.kernels.twins import fused_adamw_reference, log_beta  # noqa: F401  (oracle re-exported)
@@ -28,7 +28,7 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 def _adamw_kernel(tensor_table, chunk_table, lr_ptr, lr, beta1, one_minus_beta1, beta2, one_minus_beta2,
                   log_beta1, log_beta2, eps, weight_decay,
                   P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
-                  LR_ON_DEVICE: tl.constexpr, MAXIMIZE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                  LR_ON_DEVICE: tl.constexpr, MAXIMIZE: tl.constexpr, SOFT_BF16: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     tensor = tl.load(chunk_table + 2 * pid)
     start = tl.load(chunk_table + 2 * pid + 1)
@@ -67,11 +67,29 @@ def _adamw_kernel(tensor_table, chunk_table, lr_ptr, lr, beta1, one_minus_beta1,
         v = v * beta2 + one_minus_beta2 * g * g
         w = w * decay
         w = w - step_size * (m / (tl.sqrt(v) * inv_sqrt_bc2 + eps))
-        tl.store(m_ptr + offs, m.to(M_DTYPE), mask=mask)
-        tl.store(v_ptr + offs, v.to(M_DTYPE), mask=mask)
+        m_out = m.to(M_DTYPE)
+        if SOFT_BF16:  # the interpreter truncates fp32->bf16; GPUs round to nearest even
+            if M_DTYPE == tl.bfloat16:
+                m_bits = m.to(tl.uint32, bitcast=True)
+                m_bits = (m_bits + 0x7FFF + ((m_bits >> 16) & 1)) >> 16
+                m_out = m_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        v_out = v.to(M_DTYPE)
+        if SOFT_BF16:  # the interpreter truncates fp32->bf16; GPUs round to nearest even
+            if M_DTYPE == tl.bfloat16:
+                v_bits = v.to(tl.uint32, bitcast=True)
+                v_bits = (v_bits + 0x7FFF + ((v_bits >> 16) & 1)) >> 16
+                v_out = v_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        w_out = w.to(P_DTYPE)
+        if SOFT_BF16:  # the interpreter truncates fp32->bf16; GPUs round to nearest even
+            if P_DTYPE == tl.bfloat16:
+                w_bits = w.to(tl.uint32, bitcast=True)
+                w_bits = (w_bits + 0x7FFF + ((w_bits >> 16) & 1)) >> 16
+                w_out = w_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        tl.store(m_ptr + offs, m_out, mask=mask)
+        tl.store(v_ptr + offs, v_out, mask=mask)
         if HAS_MASTER:
             tl.store(w_ptr + offs, w, mask=mask)
-        tl.store(p_ptr + offs, w.to(P_DTYPE), mask=mask)
+        tl.store(p_ptr + offs, w_out, mask=mask)
 
 
 _KERNEL = LazyKernel(_adamw_kernel)
@@ -117,6 +135,6 @@ def fused_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs
             tensor_table, chunk_table, lr_tensor if lr_tensor is not None else tensor_table, lr_value,
             beta1, 1.0 - beta1, beta2, 1.0 - beta2, log_beta(beta1), log_beta(beta2), eps, weight_decay,
             P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype], M_DTYPE=_TL_DTYPES[m_dtype],
-            HAS_MASTER=ws is not None, LR_ON_DEVICE=lr_tensor is not None, MAXIMIZE=bool(maximize),
+            HAS_MASTER=ws is not None, LR_ON_DEVICE=lr_tensor is not None, MAXIMIZE=bool(maximize), SOFT_BF16=interpret_mode(),
             CHUNK=chunk, BLOCK=block,
         )

@@ -44,7 +44,7 @@ def quant_maps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.
 def _adamw8bit_kernel(tensor_table, chunk_table, code_m, bounds_m, code_v, bounds_v, lr_ptr, lr,
                       beta1, one_minus_beta1, beta2, one_minus_beta2, log_beta1, log_beta2, eps, weight_decay,
                       P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
-                      MAXIMIZE: tl.constexpr, QBLOCK: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr):
+                      MAXIMIZE: tl.constexpr, SOFT_BF16: tl.constexpr, QBLOCK: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr):
     pid = tl.program_id(0)
     tensor = tl.load(chunk_table + 2 * pid)
     start = tl.load(chunk_table + 2 * pid + 1)  # a multiple of QBLOCK
@@ -92,7 +92,13 @@ def _adamw8bit_kernel(tensor_table, chunk_table, code_m, bounds_m, code_v, bound
         v = tl.where(mask, v, 0.0)
         p = p * decay
         p = p - step_size * (m / (tl.sqrt(v) * inv_sqrt_bc2 + eps))
-        tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
+        p_out = p.to(P_DTYPE)
+        if SOFT_BF16:  # the interpreter truncates fp32->bf16; GPUs round to nearest even
+            if P_DTYPE == tl.bfloat16:
+                p_bits = p.to(tl.uint32, bitcast=True)
+                p_bits = (p_bits + 0x7FFF + ((p_bits >> 16) & 1)) >> 16
+                p_out = p_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        tl.store(p_ptr + offs, p_out, mask=mask)
 
         new_ma = tl.max(tl.abs(m), axis=1)
         new_va = tl.max(v, axis=1)
@@ -151,5 +157,5 @@ def fused_adamw8bit_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_
             lr_tensor if lr_tensor is not None else tensor_table, lr_value,
             beta1, 1.0 - beta1, beta2, 1.0 - beta2, log_beta(beta1), log_beta(beta2), eps, weight_decay,
             P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype], LR_ON_DEVICE=lr_tensor is not None,
-            MAXIMIZE=bool(maximize), QBLOCK=QUANT_BLOCK, ROWS=tile_rows, CHUNK=chunk,
+            MAXIMIZE=bool(maximize), SOFT_BF16=interpret_mode(), QBLOCK=QUANT_BLOCK, ROWS=tile_rows, CHUNK=chunk,
         )

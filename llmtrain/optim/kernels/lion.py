@@ -11,7 +11,7 @@ import triton  # noqa: F401  (kernels below are compiled by triton.jit on first 
 import triton.language as tl
 
 from llmtrain.optim.kernels._launch import (
-    LaunchTables, LazyKernel, block_sizes, check_writable, contiguous_grad, group_by, local_tensor,
+    interpret_mode, LaunchTables, LazyKernel, block_sizes, check_writable, contiguous_grad, group_by, local_tensor,
     scalar_operand,
 )
 from llmtrain.optim.kernels.twins import fused_lion_reference  # noqa: F401  (the oracle, re-exported)
@@ -22,7 +22,7 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 
 def _lion_kernel(tensor_table, chunk_table, lr_ptr, lr, beta1, one_minus_beta1, beta2, one_minus_beta2,
                  weight_decay, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr,
-                 LR_ON_DEVICE: tl.constexpr, MAXIMIZE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                 LR_ON_DEVICE: tl.constexpr, MAXIMIZE: tl.constexpr, SOFT_BF16: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     tensor = tl.load(chunk_table + 2 * pid)
     start = tl.load(chunk_table + 2 * pid + 1)
@@ -47,8 +47,20 @@ def _lion_kernel(tensor_table, chunk_table, lr_ptr, lr, beta1, one_minus_beta1, 
         update = tl.where(c > 0.0, 1.0, tl.where(c < 0.0, -1.0, 0.0))
         p = p * decay - lr * update
         m = beta2 * m + one_minus_beta2 * g
-        tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
-        tl.store(m_ptr + offs, m.to(M_DTYPE), mask=mask)
+        p_out = p.to(P_DTYPE)
+        if SOFT_BF16:  # the interpreter truncates fp32->bf16; GPUs round to nearest even
+            if P_DTYPE == tl.bfloat16:
+                p_bits = p.to(tl.uint32, bitcast=True)
+                p_bits = (p_bits + 0x7FFF + ((p_bits >> 16) & 1)) >> 16
+                p_out = p_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        m_out = m.to(M_DTYPE)
+        if SOFT_BF16:  # the interpreter truncates fp32->bf16; GPUs round to nearest even
+            if M_DTYPE == tl.bfloat16:
+                m_bits = m.to(tl.uint32, bitcast=True)
+                m_bits = (m_bits + 0x7FFF + ((m_bits >> 16) & 1)) >> 16
+                m_out = m_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        tl.store(p_ptr + offs, p_out, mask=mask)
+        tl.store(m_ptr + offs, m_out, mask=mask)
 
 
 _KERNEL = LazyKernel(_lion_kernel)
@@ -81,5 +93,5 @@ def fused_lion_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
             tensor_table, chunk_table, lr_tensor if lr_tensor is not None else tensor_table, lr_value,
             beta1, 1.0 - beta1, beta2, 1.0 - beta2, weight_decay,
             P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype], M_DTYPE=_TL_DTYPES[m_dtype],
-            LR_ON_DEVICE=lr_tensor is not None, MAXIMIZE=bool(maximize), CHUNK=chunk, BLOCK=block,
+            LR_ON_DEVICE=lr_tensor is not None, MAXIMIZE=bool(maximize), SOFT_BF16=interpret_mode(), CHUNK=chunk, BLOCK=block,
         )
