@@ -29,6 +29,7 @@ TRAIN_CASES: dict[str, dict] = {
     "signum": dict(lr=3e-3),
     "sm3": dict(lr=0.1),
     "came": dict(lr=1e-2),
+    "nd_adam": dict(lr=0.05, adamw_lr=1e-2),
     # Closure-driven: each step runs up to max_eval forward+backward passes, so fewer steps.
     # L-BFGS is for full-batch problems: one fixed batch.
     "lbfgs": dict(lr=1.0, max_iter=5, history_size=10, line_search_fn="strong_wolfe", steps=5, fixed_batch=True),
