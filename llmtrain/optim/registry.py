@@ -45,6 +45,7 @@ from llmtrain.optim.adam_variants import Adamax, NAdam, RAdam  # noqa: E402
 from llmtrain.optim.adan import Adan  # noqa: E402
 from llmtrain.optim.came import CAME  # noqa: E402
 from llmtrain.optim.lbfgs import LBFGS  # noqa: E402
+from llmtrain.optim.nd_adam import NDAdam  # noqa: E402
 from llmtrain.optim.signsgd import SignSGD, Signum  # noqa: E402
 from llmtrain.optim.sm3 import SM3  # noqa: E402
 
@@ -58,4 +59,5 @@ OPTIMIZERS.update({
     "sm3": SM3,
     "came": CAME,
     "lbfgs": LBFGS,
+    "nd_adam": NDAdam,
 })
