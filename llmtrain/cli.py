@@ -67,7 +67,7 @@ def _resolve_type(owner, field_name: str):
 
 def translate_compose_error(err: BaseException) -> ConfigError:
     """Turn a Hydra/OmegaConf composition error into one ConfigError line."""
-    text = str(err)
+    text = f"{err}\n{err.__cause__ or ''}"
     missing = re.search(r"Could not find '([^'/]+)/([^']+)'", text)
     if missing:
         group, option = missing.groups()
@@ -76,7 +76,7 @@ def translate_compose_error(err: BaseException) -> ConfigError:
     key = override.group(1) if override else ""
     full_key = re.search(r"full_key: (\S+)", text)
     key = (full_key.group(1) if full_key else key) or "config"
-    if "not in struct" in text or "Could not append" in text:
+    if "not in struct" in text or "Could not append" in text or re.search(r"Key '[^']+' not in '", text):
         known = _schema_keys(key)
         hint = f"; expected {choices(known)}" if known else ""
         return ConfigError(key, f"unknown key{hint}")
@@ -85,6 +85,13 @@ def translate_compose_error(err: BaseException) -> ConfigError:
     if "override" in first.lower() and "\n" in text:
         first = [line for line in text.splitlines() if line.strip()][-1].strip()
     return ConfigError(key, first)
+
+
+def normalize_overrides(overrides: Sequence[str]) -> list[str]:
+    """``optim.KEY=V`` -> ``++optim.KEY=V``: hyperparameters differ per optimizer, so a key absent
+    from the optimizer's YAML is still settable; ``validate_optim`` checks it against the
+    optimizer's constructor instead of Hydra's struct mode."""
+    return [f"++{o}" if o.startswith("optim.") else o for o in overrides]
 
 
 def compose(overrides: Sequence[str] = ()):
@@ -99,7 +106,7 @@ def compose(overrides: Sequence[str] = ()):
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(config_dir()), version_base=None):
-            cfg = hydra_compose("train", overrides=list(overrides))
+            cfg = hydra_compose("train", overrides=normalize_overrides(overrides))
     except UserError:
         raise
     except Exception as err:  # Hydra raises a zoo of types; all are user input errors here
@@ -190,7 +197,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             print(f"error: {err}", file=sys.stderr)
             return None
 
-    sys.argv = [sys.argv[0], *argv]
+    sys.argv = [sys.argv[0], *normalize_overrides(argv)]
     _task()
 
 

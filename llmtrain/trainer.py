@@ -84,6 +84,7 @@ class Trainer:
 
         self.cfg, t = cfg, cfg.train
         self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.env = env = init_distributed(t.device, cfg.distributed.strategy, cfg.distributed.timeout_s)
         validate(cfg, dp_world_size=env.world_size)
         self.accum_steps = t.global_batch_size // (t.micro_batch_size * env.world_size)
