@@ -8,7 +8,6 @@ batch divisibility, file paths, optimizer hyperparameter names. Every failure ra
 
 from __future__ import annotations
 
-import inspect
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -229,8 +228,9 @@ def validate_optim(optim: dict[str, Any]) -> None:
     lr = optim.get("lr")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr < 0:
         raise ConfigError("optim.lr", f"got {lr!r}, expected a number >= 0")
-    accepted = set(inspect.signature(OPTIMIZERS[name].__init__).parameters) - {"self", "params"}
-    accepted |= OPTIM_GROUP_KEYS
+    from llmtrain.optim.param_groups import accepted_keys
+
+    accepted = accepted_keys(optim)  # constructor args + OPTIM_GROUP_KEYS (+ a wrapper's base's, for sam)
     for key in optim:
         if key not in accepted:
             raise ConfigError(f"optim.{key}", f"not a hyperparameter of {name}; expected {choices(sorted(accepted))}")

@@ -27,14 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmtrain.config import OPTIM_GROUP_KEYS
 from llmtrain.errors import ConfigError, choices
 
-# Keys that shape parameter groups rather than the update rule (kept in sync with
-# llmtrain.config.OPTIM_GROUP_KEYS, which validation uses).
-GROUP_KEYS = {
-    "name", "lr", "impl", "weight_decay", "no_decay_bias", "no_decay_norm", "no_decay_embedding",
-    "lr_multipliers", "adamw_lr", "adamw_betas", "adamw_eps", "adamw_weight_decay", "base",
-}
+# Keys that shape parameter groups rather than the update rule (validation uses the same set).
+GROUP_KEYS = OPTIM_GROUP_KEYS
 # The AdamW side of a hybrid optimizer (embeddings, head, norms, biases) defaults to the lr that
 # Muon's reference speedruns use for those parameters when adamw_lr is not given.
 DEFAULT_ADAMW_LR = 3e-4
