@@ -19,7 +19,12 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 class ShardWriter:
-    """Appends token arrays to ``<prefix>.00000.bin``, ``<prefix>.00001.bin``, ..."""
+    """Appends token arrays to ``<prefix>.00000.bin``, ``<prefix>.00001.bin``, ...
+
+    Documents arrive one at a time; they are buffered to ~1M tokens so the file sees few, large writes.
+    """
+
+    BUFFER_TOKENS = 1 << 20
 
     def __init__(self, folder: Path, prefix: str, dtype: np.dtype, shard_tokens: int):
         self.folder, self.prefix, self.dtype, self.shard_tokens = folder, prefix, dtype, shard_tokens
@@ -27,9 +32,20 @@ class ShardWriter:
         self.total = 0
         self._fh = None
         self._in_current = 0
+        self._buffer: list[np.ndarray] = []
+        self._buffered = 0
 
     def write(self, tokens: np.ndarray) -> None:
-        tokens = tokens.astype(self.dtype, copy=False)
+        self._buffer.append(tokens.astype(self.dtype))
+        self._buffered += len(tokens)
+        if self._buffered >= self.BUFFER_TOKENS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        tokens = np.concatenate(self._buffer)
+        self._buffer, self._buffered = [], 0
         while len(tokens):
             if self._fh is None or self._in_current >= self.shard_tokens:
                 self._roll()
@@ -41,13 +57,15 @@ class ShardWriter:
             tokens = tokens[take:]
 
     def _roll(self) -> None:
-        self.close()
+        if self._fh is not None:
+            self._fh.close()
         name = f"{self.prefix}.{len(self.shards):05d}.bin"
         self._fh = open(self.folder / name, "wb")
         self._in_current = 0
         self.shards.append({"file": name, "tokens": 0})
 
     def close(self) -> None:
+        self._flush()
         if self._fh is not None:
             self._fh.close()
             self._fh = None
