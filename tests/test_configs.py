@@ -43,3 +43,10 @@ def test_llama7b_recipe():
     assert cfg.optim["eps"] == 1e-8 and cfg.optim["weight_decay"] == 0.1
     assert cfg.train.grad_clip == 1.0 and cfg.train.precision == "bf16"
     assert cfg.schedule.name == "cosine" and cfg.schedule.warmup_steps == 2000 and cfg.schedule.min_lr_ratio == 0.1
+
+
+def test_tuned_lr_applies_only_to_its_model_and_optimizer():
+    assert compose([]).optim["lr"] == 2e-3                          # tuned/llama_tiny_adamw.yaml
+    assert compose(["model=gpt2_124m"]).optim["lr"] == 3e-4         # adamw.yaml reference default
+    assert compose(["optim=lion"]).optim["lr"] != 2e-3
+    assert compose(["optim.lr=0.01"]).optim["lr"] == 0.01           # the command line wins
