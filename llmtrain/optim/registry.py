@@ -43,6 +43,7 @@ OPTIMIZERS["adamw8bit"] = AdamW8bit
 # --- completed registry (issue 11) ---------------------------------------------------------
 from llmtrain.optim.adam_variants import Adamax, NAdam, RAdam  # noqa: E402
 from llmtrain.optim.adan import Adan  # noqa: E402
+from llmtrain.optim.apollo import APOLLO, APOLLOMini  # noqa: E402
 from llmtrain.optim.came import CAME  # noqa: E402
 from llmtrain.optim.lbfgs import LBFGS  # noqa: E402
 from llmtrain.optim.nd_adam import NDAdam  # noqa: E402
@@ -60,4 +61,6 @@ OPTIMIZERS.update({
     "came": CAME,
     "lbfgs": LBFGS,
     "nd_adam": NDAdam,
+    "apollo": APOLLO,
+    "apollo_mini": APOLLOMini,
 })
