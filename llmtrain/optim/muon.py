@@ -56,6 +56,7 @@ class Muon(torch.optim.Optimizer):
     """Muon for ``use_muon`` groups (default: parameters with ndim >= 2), AdamW for the others."""
 
     hybrid_flag = "use_muon"
+    default_adamw_lr = 3e-4  # the reference's lr for embeddings, head and vectors
     state_bytes_per_param: float = 4.0  # momentum only on matrices; AdamW parameters keep 8
 
     def __init__(

@@ -12,8 +12,9 @@ Parameters are classified by the module that owns them, not by fragile names:
 Weight decay is off for biases, norms and embeddings unless ``no_decay_bias`` /
 ``no_decay_norm`` / ``no_decay_embedding`` is false. ``lr_multipliers: {regex: mult}`` scales the
 lr of parameters whose qualified name matches (first match wins). Matrix optimizers (classes with
-a ``hybrid_flag`` attribute such as Muon's ``use_muon``) get the 2-D+ hidden weights; everything
-else goes to an AdamW group inside the same optimizer with ``adamw_lr``, ``adamw_betas``,
+a ``hybrid_flag`` attribute such as Muon's ``use_muon``) get the 2-D hidden weights; everything
+else goes to an AdamW group inside the same optimizer with ``adamw_lr`` (default: the class's
+``default_adamw_lr``, else ``lr``), ``adamw_betas``,
 ``adamw_eps`` and ``adamw_weight_decay``. Every group carries ``initial_lr`` (its peak lr): the
 trainer sets ``group["lr"] = group["initial_lr"] * lr_factor(step)``.
 """
@@ -32,9 +33,7 @@ from llmtrain.errors import ConfigError, choices
 
 # Keys that shape parameter groups rather than the update rule (validation uses the same set).
 GROUP_KEYS = OPTIM_GROUP_KEYS
-# The AdamW side of a hybrid optimizer (embeddings, head, norms, biases) defaults to the lr that
-# Muon's reference speedruns use for those parameters when adamw_lr is not given.
-DEFAULT_ADAMW_LR = 3e-4
+
 
 
 def _optim_mapping(cfg: Any) -> dict[str, Any]:
@@ -159,12 +158,14 @@ def param_groups(optim: dict[str, Any], model: nn.Module, cls: type) -> list[dic
     }
     multipliers = _compile_multipliers(optim.get("lr_multipliers"))
     hybrid_flag = getattr(cls, "hybrid_flag", None)
-    adamw_lr = float(optim.get("adamw_lr", DEFAULT_ADAMW_LR))
+    # The AdamW side defaults to the class's ``default_adamw_lr`` (Muon: 3e-4, its reference's value
+    # for embeddings and head), else to the main lr (GaLore, SOAP, Shampoo use one lr for all).
+    adamw_lr = float(optim.get("adamw_lr", getattr(cls, "default_adamw_lr", lr)))
     adamw_wd = float(optim.get("adamw_weight_decay", weight_decay))
 
     buckets: dict[tuple[bool, bool, float], list[nn.Parameter]] = {}
     for name, (kind, p) in classify_parameters(model).items():
-        matrix = hybrid_flag is not None and kind == "hidden" and p.ndim >= 2
+        matrix = hybrid_flag is not None and kind == "hidden" and p.ndim == 2
         decays = not no_decay.get(kind, False)
         buckets.setdefault((matrix, decays, _lr_multiplier(name, multipliers)), []).append(p)
 

@@ -11,7 +11,9 @@ from llmtrain.optim.adabelief import AdaBelief  # noqa: E402
 from llmtrain.optim.adafactor import Adafactor  # noqa: E402
 from llmtrain.optim.adagrad import Adagrad  # noqa: E402
 from llmtrain.optim.adam import Adam, AdamW  # noqa: E402
+from llmtrain.optim.adam_mini import AdamMini  # noqa: E402
 from llmtrain.optim.adamw8bit import AdamW8bit  # noqa: E402
+from llmtrain.optim.galore import GaLoreAdamW  # noqa: E402
 from llmtrain.optim.lamb import Lamb  # noqa: E402
 from llmtrain.optim.lars import LARS  # noqa: E402
 from llmtrain.optim.lion import Lion  # noqa: E402
@@ -20,6 +22,8 @@ from llmtrain.optim.rmsprop import RMSprop  # noqa: E402
 from llmtrain.optim.sam import SAM  # noqa: E402
 from llmtrain.optim.schedulefree import ScheduleFreeAdamW  # noqa: E402
 from llmtrain.optim.sgd import SGD  # noqa: E402
+from llmtrain.optim.shampoo import Shampoo  # noqa: E402
+from llmtrain.optim.soap import SOAP  # noqa: E402
 from llmtrain.optim.sophia import SophiaG  # noqa: E402
 
 OPTIMIZERS.update({
@@ -35,7 +39,11 @@ OPTIMIZERS.update({
     "lars": LARS,
     "sophia": SophiaG,
     "schedulefree_adamw": ScheduleFreeAdamW,
+    "adam_mini": AdamMini,
     "muon": Muon,
+    "shampoo": Shampoo,
+    "soap": SOAP,
+    "galore_adamw": GaLoreAdamW,
     "sam": SAM,
 })
 OPTIMIZERS["adamw8bit"] = AdamW8bit

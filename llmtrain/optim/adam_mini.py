@@ -1,0 +1,132 @@
+"""Adam-mini: one second-moment value per parameter block instead of per coordinate.
+
+Zhang et al., "Adam-mini: Use Fewer Learning Rates To Gain More" (ICLR 2025). Reference
+implementation: github.com/zyushun/Adam-mini (``Adam_mini``). Checked against the paper's update
+written out by hand (tests/test_optim_matrix.py), and with one-coordinate blocks against
+torch.optim.AdamW (1e-6).
+
+Blocks follow the Hessian structure the paper reports for transformers: embeddings and the output
+head keep Adam's per-coordinate v; query and key projections share one v per attention head; every
+other matrix one v per output neuron (row); vectors (norms, biases) one v per tensor. Given the
+model (``build_optimizer`` passes it), these are found by module type (``nn.Embedding``, the
+output head, attention modules exposing ``head_dim`` with ``q_proj`` / ``k_proj``); without it,
+matrices are blocked by row and vectors per tensor. Memory: m plus a few floats per block,
+≈ 4 B/param + ε (embeddings and head add 4 more on their parameters).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from llmtrain.optim._common import check_betas, check_positive
+
+FULL = 0  # block_rows value meaning "per coordinate" (plain Adam)
+
+
+def block_mean_sq(grad: torch.Tensor, block_rows: int) -> torch.Tensor:
+    """Mean of g² over each block: [rows/block_rows, 1] for matrices, [1] for a whole tensor (-1)."""
+    if block_rows == FULL:
+        return grad * grad
+    if block_rows < 0 or grad.ndim < 2:
+        return (grad * grad).mean().reshape(1)
+    return (grad * grad).reshape(grad.shape[0] // block_rows, -1).mean(dim=1, keepdim=True)
+
+
+def adam_mini_update_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    v: torch.Tensor,
+    step: int,
+    block_rows: int,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """m ← β1·m + (1-β1)·g;  v_b ← β2·v_b + (1-β2)·mean_b(g²);  θ ← θ(1-lr·λ) - lr·m̂/(√v̂_b + ε)."""
+    param.mul_(1.0 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1.0 - beta1)
+    v.mul_(beta2).add_(block_mean_sq(grad, block_rows), alpha=1.0 - beta2)
+    denom = (v.sqrt() / math.sqrt(1.0 - beta2**step)).add_(eps)
+    if block_rows > 0 and param.ndim >= 2:
+        shaped = exp_avg.reshape(denom.shape[0], -1)
+        param.add_((shaped / denom).reshape(param.shape), alpha=-lr / (1.0 - beta1**step))
+    else:
+        param.addcdiv_(exp_avg, denom, value=-lr / (1.0 - beta1**step))
+
+
+def block_layout(model: nn.Module) -> dict[int, int]:
+    """``{id(param): block_rows}`` from the model's structure (see the module docstring)."""
+    from llmtrain.optim.param_groups import classify_parameters
+
+    layout: dict[int, int] = {}
+    for module in model.modules():
+        head_dim = getattr(module, "head_dim", None)
+        if isinstance(head_dim, int):
+            for name in ("q_proj", "k_proj"):
+                proj = getattr(module, name, None)
+                if isinstance(proj, nn.Linear):
+                    layout[id(proj.weight)] = head_dim
+    for kind, p in classify_parameters(model).values():
+        if kind in ("embedding", "head"):
+            layout[id(p)] = FULL
+    return layout
+
+
+class AdamMini(torch.optim.Optimizer):
+    """Adam with block-shared second moments (≈ half of AdamW's optimizer memory)."""
+
+    state_bytes_per_param: float = 4.0
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        model: Optional[nn.Module] = None,
+    ):
+        check_positive("learning rate", lr)
+        check_positive("epsilon value", eps)
+        check_positive("weight_decay value", weight_decay)
+        check_betas(betas)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self._layout = block_layout(model) if model is not None else {}
+
+    def block_rows(self, p: torch.Tensor) -> int:
+        if id(p) in self._layout:
+            rows = self._layout[id(p)]
+            return rows if rows == FULL or p.shape[0] % rows == 0 else 1
+        return 1 if p.ndim >= 2 else -1
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "exp_avg" not in state:
+                    state["step"] = 0
+                    state["block_rows"] = self.block_rows(p)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["v"] = torch.zeros_like(block_mean_sq(p.grad, state["block_rows"]))
+                state["step"] += 1
+                adam_mini_update_(
+                    p, p.grad, state["exp_avg"], state["v"], state["step"], state["block_rows"], lr=float(group["lr"]),
+                    beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                )
+        return loss
