@@ -202,6 +202,9 @@ def plan(cfg: RootConfig, world_size: Optional[int] = None) -> dict[str, Any]:
     tokens_per_s = cluster_flops / fpt
     tokens_per_step = t.global_batch_size * t.seq_len
     notes = [note] if note else []
+    if strategy != cfg.distributed.strategy:
+        notes.append(f"distributed.strategy={cfg.distributed.strategy} runs as {strategy} on {world_size} GPU(s); "
+                     f"plan another size with distributed.world_size=N")
     if cfg.train.precision == "auto":
         notes.append("precision auto planned as bf16 (bf16-capable GPU)")
     return {
@@ -270,8 +273,8 @@ def format_plan(p: dict[str, Any]) -> str:
     for key in ("weights", "gradients", "optimizer", "working", "activations"):
         rows.append((f"  {key}", _gib(mem[key])))
     verdict = "fits" if p["fits"] else "DOES NOT FIT"
-    rows.append(("memory / GPU", f"{_gib(mem['total'])} of {_gib(p['gpu_memory_bytes'])} -> {verdict} "
-                                 f"(limit {FIT_FRACTION:.0%})"))
+    rows.append(("memory / GPU", f"{_gib(mem['total'])} of {p['gpu_memory_bytes'] / 1e9:g} GB "
+                                 f"({_gib(p['gpu_memory_bytes'])}) -> {verdict} (limit {FIT_FRACTION:.0%})"))
     rows.append(("throughput", f"{_human(thr['tokens_per_s'])} tokens/s, {_human(thr['tokens_per_day'])} tokens/day "
                                f"at MFU {thr['mfu']:.0%} of {thr['gpu_peak_tflops']:g} TFLOP/s per GPU"))
     rows.append(("run", f"{thr['step_time_s']:.2f} s/step, {thr['run_days']:.2f} days for the configured max_steps"))
