@@ -91,10 +91,10 @@ class Trainer:
         self.dtype = resolve_precision(t.precision, env.device)
         seed_everything(t.seed)
 
+        check_fits(cfg, env.world_size, env.strategy, env.device)  # before any data preparation or allocation
         self.data = build_data(cfg.data, seq_len=t.seq_len, seed=t.seed, rank=env.rank, world_size=env.world_size,
                                micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size)
         cfg.model.vocab_size = check_vocab(cfg.model.vocab_size, self.data, cfg.data.pad_vocab_to_multiple_of)
-        check_fits(cfg, env.world_size, env.strategy, env.device)
 
         model = build_model(cfg.model).to(env.device)
         if cfg.model.init_from:

@@ -56,3 +56,21 @@ def test_cli_exit_2_one_line(args, key):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"error: {key}")
     assert "Traceback" not in result.stderr
+
+
+def test_7b_on_a_small_machine_is_a_memory_message_not_an_oom():
+    result = _run(["+experiment=llama7b_adamw", "logger.wandb.mode=disabled"])
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: model: llama2_7b needs ~")
+    assert "dry_run=true" in lines[0] and "more GPUs" in lines[0]
+
+
+def test_dry_run_writes_plan(tmp_path):
+    result = _run(["+experiment=llama7b_adamw", "dry_run=true", f"run_dir={tmp_path}"])
+    assert result.returncode == 0, result.stderr
+    import json
+
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["params"]["total"] == 6_738_415_616
+    assert "6.74B" in result.stdout
