@@ -41,9 +41,12 @@ class WindowIndex:
         """[len(window_ids), seq_len + 1] token ids."""
         out = np.empty((len(window_ids), self.seq_len + 1), dtype=np.int64)
         sources = np.searchsorted(self.offsets, window_ids, side="right") - 1
-        for row, (wid, si) in enumerate(zip(window_ids.tolist(), sources.tolist())):
-            start = (wid - int(self.offsets[si])) * self.seq_len
-            out[row] = self.streams[si].read(start, self.seq_len + 1)
+        for si in np.unique(sources).tolist():
+            rows = np.flatnonzero(sources == si)
+            starts = (window_ids[rows] - self.offsets[si]) * self.seq_len
+            block = np.empty((len(rows), self.seq_len + 1), dtype=np.int64)
+            self.streams[si].read_many(starts, self.seq_len + 1, block)
+            out[rows] = block
         return out
 
 

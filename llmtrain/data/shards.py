@@ -96,6 +96,19 @@ class TokenStream:
         self.ends = np.asarray(starts[1:], dtype=np.int64)
         self.total = int(starts[-1])
 
+    def read_many(self, starts: np.ndarray, length: int, out: np.ndarray) -> None:
+        """out[k] = tokens [starts[k], starts[k]+length): one fancy-indexed gather per shard file."""
+        first = np.searchsorted(self.ends, starts, side="right")
+        last = np.searchsorted(self.ends, starts + length - 1, side="right")
+        offsets = np.arange(length)
+        for shard in np.unique(first).tolist():
+            rows = np.flatnonzero((first == shard) & (last == shard))
+            if len(rows):
+                local = starts[rows] - self.starts[shard]
+                out[rows] = self.maps[shard][local[:, None] + offsets]
+        for row in np.flatnonzero(first != last).tolist():  # the rare window that spans two files
+            out[row] = self.read(int(starts[row]), length)
+
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start+length); crosses shard files when it has to."""
         i = int(np.searchsorted(self.ends, start, side="right"))
