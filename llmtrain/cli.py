@@ -174,6 +174,18 @@ def run_job(cfg_node) -> Optional[dict]:
     return Trainer(cfg, run_dir, resolved_config=resolved).fit()
 
 
+def _record_failure(cfg_node, err: UserError) -> None:
+    import json
+
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(cfg_node.get("run_dir") or HydraConfig.get().runtime.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    optim = cfg_node.get("optim") or {}
+    summary = {"status": "failed", "reason": str(err), "optimizer": optim.get("name"), "lr": optim.get("lr")}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     import hydra
 
@@ -189,12 +201,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     @hydra.main(config_path=str(path), config_name="train", version_base=None)
     def _task(cfg_node):
         try:
-            return run_job(cfg_node)
+            summary = run_job(cfg_node)
+            if not multirun and summary and summary.get("status") == "diverged":
+                sys.exit(1)  # scripts and schedulers should see a diverged run as a failure
+            return summary
         except UserError as err:
             if not multirun:
                 _fail(err)
             # In a sweep one bad job is recorded and the sweep goes on (the report lists it).
             print(f"error: {err}", file=sys.stderr)
+            _record_failure(cfg_node, err)
             return None
 
     sys.argv = [sys.argv[0], *normalize_overrides(argv)]
