@@ -100,13 +100,16 @@ def _adamw8bit_kernel(tensor_table, chunk_table, code_m, bounds_m, code_v, bound
                 p_out = p_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
         tl.store(p_ptr + offs, p_out, mask=mask)
 
-        new_ma = tl.max(tl.abs(m), axis=1)
-        new_va = tl.max(v, axis=1)
+        # tl.reduce with the standard max combiner rather than tl.max: tl.max is itself a jitted
+        # helper, which the interpreter cannot call unless TRITON_INTERPRET was set before triton
+        # was imported; the reduce builtin works either way (and takes numpy's fast path there).
+        new_ma = tl.reduce(tl.abs(m), 1, tl.standard._elementwise_max)
+        new_va = tl.reduce(v, 1, tl.standard._elementwise_max)
         xm = tl.minimum(tl.maximum(m / tl.maximum(new_ma, 1e-38)[:, None], -1.0), 1.0)
         xv = tl.minimum(v / tl.maximum(new_va, 1e-38)[:, None], 1.0)
         # index of the nearest code = number of midpoints strictly below x (torch.bucketize)
-        im = tl.zeros([ROWS, QBLOCK], dtype=tl.int32)
-        iv = tl.zeros([ROWS, QBLOCK], dtype=tl.int32)
+        im = tl.full([ROWS, QBLOCK], 0, tl.int32)
+        iv = tl.full([ROWS, QBLOCK], 0, tl.int32)
         for s in tl.static_range(7, -1, -1):
             half = 1 << s
             im = tl.where(tl.load(bounds_m + im + (half - 1)) < xm, im + half, im)
