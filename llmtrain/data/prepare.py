@@ -215,7 +215,10 @@ def _build(cfg: DataConfig, specs: list[SourceSpec], external, key: str, folder:
     from tqdm.auto import tqdm
 
     if external is None:
-        tok = train_bpe(_sample_for_tokenizer(specs, cfg), cfg.vocab_size)
+        if progress:
+            print(f"llmtrain: training a {cfg.vocab_size}-token byte-level BPE on up to "
+                  f"{cfg.tokenizer_train_bytes / 1e6:.0f} MB of {cfg.name}", file=sys.stderr)
+        tok = train_bpe(_sample_for_tokenizer(specs, cfg), cfg.vocab_size, show_progress=progress)
         eos_id = eos_id_of(tok, "tokenizer")
     else:
         tok, eos_id, _ = external
