@@ -20,7 +20,7 @@ Everything below is an estimate of *peak* memory per GPU, in bytes, under this a
   Full checkpointing keeps only each block's input (d) plus one block being recomputed;
   selective (every other block) keeps full activations for the odd blocks. The head adds the
   logits, their fp32 copy for the loss and its gradient: B·T·V·(act_bytes + 8). Element size is
-  2 B under bf16/fp16 and 4 B under fp32; ``auto`` precision is planned as bf16 (a GPU run).
+  2 B under bf16/fp16 and 4 B under fp32; ``plan`` treats ``auto`` precision as bf16 (a GPU run).
 
 Sharding factors with N ranks (S = min(gpus_per_node, N) for hsdp):
 none/ddp 1/1/1, zero1 1/1/N, zero2 N/N/N (+ unsharded working copy), fsdp N/N/N, hsdp S/S/S.
@@ -149,12 +149,14 @@ def memory_per_rank(cfg: RootConfig, world_size: int, strategy: str,
                     precision: Optional[str] = None) -> dict[str, int]:
     """Peak bytes per GPU: weights, gradients, optimizer, working, activations, total.
 
-    ``strategy`` is a resolved one (none|ddp|zero1|zero2|fsdp|hsdp); ``precision`` defaults to
-    ``cfg.train.precision`` with ``auto`` planned as bf16.
+    ``precision`` defaults to ``cfg.train.precision``; ``auto`` resolves as the trainer does on
+    this machine (bf16 on a bf16-capable GPU, else fp32), since the trainer calls this to refuse a
+    run that cannot fit. ``plan`` passes bf16 for ``auto`` because it plans GPU runs.
     """
     strategy = resolve_strategy(strategy, world_size)
     precision = precision or cfg.train.precision
-    precision = "bf16" if precision == "auto" else precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     mcfg = cfg.model
     counts = param_counts(mcfg)
     P = counts["total"]

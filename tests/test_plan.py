@@ -128,3 +128,32 @@ def test_llama2_7b_plan_shows_published_size_and_16_bytes_per_param():
     assert p["bytes_per_param_before_sharding"]["total"] == 16
     mem = p["memory_per_gpu"]
     assert mem["weights"] + mem["gradients"] + mem["optimizer"] == pytest.approx(16 * 6_738_415_616 / 8, abs=8)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt"])
+def test_activation_estimate_matches_saved_tensors(family):
+    """The per-token count agrees with what autograd actually saves (fp32, CPU) within 15%."""
+    from llmtrain.plan import activation_bytes
+
+    cfg = ModelConfig(family=family, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2 if family == "llama" else None,
+                      ffn_hidden=128, vocab_size=100, max_seq_len=32)
+    model = build_model(cfg)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    idx = torch.randint(0, 100, (2, 32))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(idx)
+        torch.nn.functional.cross_entropy(logits.float().view(-1, 100), idx.view(-1))
+    measured = sum(n for ptr, n in saved.items() if ptr not in params)
+    assert activation_bytes(cfg, 2, 32, "fp32") == pytest.approx(measured, rel=0.15)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="auto means bf16 on a GPU")
+def test_memory_per_rank_resolves_auto_like_the_trainer_on_cpu():
+    assert memory_per_rank(root(precision="auto"), 4, "zero1") == memory_per_rank(root(precision="fp32"), 4, "zero1")
+    assert plan(root(precision="auto"))["precision"] == "bf16"
