@@ -169,3 +169,13 @@ def test_sigterm_saves_checkpoint_and_resume_continues(corpus, data_cache, tmp_p
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r][-3:] == [step, step + 1, step + 2]
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps_keep_fp32_master_weights(corpus, data_cache, tmp_path, precision):
+    trainer = make_trainer(corpus, data_cache, tmp_path / "run", **{"train.precision": precision, "train.max_steps": 3,
+                                                                    "train.eval_every": 0})
+    assert trainer.scaler.is_enabled() == (precision == "fp16")
+    summary = trainer.fit()
+    assert summary["status"] == "completed" and math.isfinite(summary["final_loss"])
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
