@@ -206,3 +206,18 @@ def test_epoch_order_quota_sums_to_epoch_size():
     assert order.quota.tolist() == [38, 37, 37] and order.quota.sum() == 112
     ids = order.epoch(0)
     assert len(ids) == 112 and ids.min() >= 0 and ids.max() < 112
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 17, 1000, 4097])
+def test_feistel_permutation_is_a_bijection(n):
+    from llmtrain.data.permutation import permute
+
+    out = permute(np.arange(n), n, (1, 2))
+    assert np.array_equal(np.sort(out), np.arange(n))
+    assert np.array_equal(out, permute(np.arange(n), n, (1, 2)))
+    if n >= 17:
+        assert not np.array_equal(out, permute(np.arange(n), n, (1, 3)))
+        assert not np.array_equal(out, np.arange(n))
+    # Pointwise evaluation agrees with the whole permutation.
+    picks = np.array([0, n - 1, n // 2])
+    assert np.array_equal(permute(picks, n, (1, 2)), out[picks])

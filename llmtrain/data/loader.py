@@ -4,7 +4,8 @@ Windows: each source's train stream is cut into windows of ``seq_len + 1`` token
 ``seq_len`` (the last token of one window is the first of the next, so every token is a target
 exactly once); windows never span two sources. Window ids are global across sources.
 
-Global order: epoch ``e`` is a permutation of the window ids drawn from ``(seed, e)``; the
+Global order: epoch ``e`` is a permutation of the window ids keyed by ``(seed, e)`` and evaluated
+pointwise (``permutation.permute``: O(1) memory, no startup cost at any corpus size); the
 training stream is epoch 0, then epoch 1, ... Each optimizer step takes the next
 ``global_batch_size`` positions of that stream; rank ``r`` of ``W`` takes the contiguous slice
 ``[r·G/W, (r+1)·G/W)`` of the step, in micro-batches of ``micro_batch_size``. The order depends
@@ -24,6 +25,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from llmtrain.data.permutation import permute
 from llmtrain.data.shards import TokenStream
 from llmtrain.errors import ConfigError, DataError
 
@@ -51,14 +53,25 @@ class WindowIndex:
 
 
 class EpochOrder:
-    """The permutation of window ids for each epoch, from (seed, epoch) alone."""
+    """Which window sits at each position of the training stream, from (seed, epoch) alone.
+
+    Without weights, epoch e is the permutation of all window ids keyed by (seed, e). With
+    weights, position p of epoch e first maps through a permutation of [0, size) to a slot q;
+    slots are laid out as source 0's quota, then source 1's, ...; the k-th slot of source i is
+    window ``perm_{seed,e,i,k // count_i}(k % count_i)`` of that source, so a source smaller than
+    its quota is replayed in a fresh order each pass and a larger one yields a fresh subset.
+    Nothing is materialised: any position is computed on demand (see ``permutation``).
+    """
 
     def __init__(self, counts: np.ndarray, weights: Optional[Sequence[float]], seed: int):
-        self.counts, self.seed = counts, seed
-        self.size = int(counts.sum())
+        self.counts, self.seed = np.asarray(counts, dtype=np.int64), seed
+        self.size = int(self.counts.sum())
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)])
         self.quota = None if weights is None else self._quota(np.asarray(weights, dtype=np.float64))
-        self._cache: dict[int, np.ndarray] = {}
-        self._lock = threading.Lock()
+        if self.quota is not None:
+            if np.any((self.quota > 0) & (self.counts == 0)):
+                raise ValueError("a weighted source has no windows")
+            self.slots = np.concatenate([[0], np.cumsum(self.quota)])
 
     def _quota(self, weights: np.ndarray) -> np.ndarray:
         """Windows per source per epoch: largest-remainder rounding of size·w/Σw."""
@@ -69,32 +82,28 @@ class EpochOrder:
         return quota
 
     def epoch(self, e: int) -> np.ndarray:
-        with self._lock:
-            if e not in self._cache:
-                if len(self._cache) >= 2:
-                    self._cache.pop(min(self._cache))
-                self._cache[e] = self._build(e)
-            return self._cache[e]
-
-    def _build(self, e: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, e])
-        if self.quota is None:
-            return rng.permutation(self.size)
-        offsets = np.concatenate([[0], np.cumsum(self.counts)])
-        parts = []
-        for i, (n, have) in enumerate(zip(self.quota.tolist(), self.counts.tolist())):
-            reps = [rng.permutation(have) for _ in range(-(-n // have))] if n else []
-            parts.append(np.concatenate(reps)[:n] + offsets[i] if reps else np.empty(0, dtype=np.int64))
-        ids = np.concatenate(parts)
-        return ids[rng.permutation(len(ids))]
+        """All window ids of epoch e in order (for inspection and tests; the loader never needs it)."""
+        return self.window_ids(np.arange(e * self.size, (e + 1) * self.size, dtype=np.int64))
 
     def window_ids(self, positions: np.ndarray) -> np.ndarray:
-        epochs = positions // self.size
-        within = positions % self.size
-        out = np.empty(len(positions), dtype=np.int64)
+        epochs, within = np.divmod(np.asarray(positions, dtype=np.int64), self.size)
+        out = np.empty(len(within), dtype=np.int64)
         for e in np.unique(epochs).tolist():
-            sel = epochs == e
-            out[sel] = self.epoch(e)[within[sel]]
+            sel = np.flatnonzero(epochs == e)
+            out[sel] = self._epoch_ids(e, within[sel])
+        return out
+
+    def _epoch_ids(self, e: int, within: np.ndarray) -> np.ndarray:
+        slots = permute(within, self.size, (self.seed, e))
+        if self.quota is None:
+            return slots
+        source = np.searchsorted(self.slots, slots, side="right") - 1
+        k = slots - self.slots[source]
+        passes, j = np.divmod(k, self.counts[source])
+        out = np.empty(len(slots), dtype=np.int64)
+        for si, rep in {(int(a), int(b)) for a, b in zip(source, passes)}:
+            sel = np.flatnonzero((source == si) & (passes == rep))
+            out[sel] = self.offsets[si] + permute(j[sel], int(self.counts[si]), (self.seed, e, si, rep))
         return out
 
 
