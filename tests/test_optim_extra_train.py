@@ -32,6 +32,7 @@ TRAIN_CASES: dict[str, dict] = {
     "nd_adam": dict(lr=0.05, adamw_lr=1e-2),
     "apollo": dict(lr=1e-2, adamw_lr=1e-2, rank=8),
     "apollo_mini": dict(lr=1e-2, adamw_lr=1e-2),
+    "psgd_kron": dict(lr=3e-3),
     # Closure-driven: each step runs up to max_eval forward+backward passes, so fewer steps.
     # L-BFGS is for full-batch problems: one fixed batch.
     "lbfgs": dict(lr=1.0, max_iter=5, history_size=10, line_search_fn="strong_wolfe", steps=5, fixed_batch=True),
@@ -91,7 +92,7 @@ def train(name: str, steps: int = STEPS, fixed_batch: bool = False, **optim_kw) 
     return losses
 
 
-SLOW = {"lbfgs"}  # tens of forward+backward passes per step
+SLOW = {"lbfgs", "psgd_kron"}  # many passes per step / many small triangular solves
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
