@@ -55,6 +55,7 @@ from llmtrain.optim.apollo import APOLLO, APOLLOMini  # noqa: E402
 from llmtrain.optim.came import CAME  # noqa: E402
 from llmtrain.optim.lbfgs import LBFGS  # noqa: E402
 from llmtrain.optim.nd_adam import NDAdam  # noqa: E402
+from llmtrain.optim.psgd_kron import PSGDKron  # noqa: E402
 from llmtrain.optim.signsgd import SignSGD, Signum  # noqa: E402
 from llmtrain.optim.sm3 import SM3  # noqa: E402
 
@@ -71,4 +72,5 @@ OPTIMIZERS.update({
     "nd_adam": NDAdam,
     "apollo": APOLLO,
     "apollo_mini": APOLLOMini,
+    "psgd_kron": PSGDKron,
 })
