@@ -63,7 +63,8 @@ def test_twin_matches_lion_pytorch():
 def test_bf16_params_maximize_and_device_lr():
     p_k = _tensors(SHAPES, dtype=torch.bfloat16)
     p_t = [p.clone() for p in p_k]
-    m_k, m_t = [torch.zeros_like(p, dtype=torch.float32) for p in p_k], [torch.zeros_like(p, dtype=torch.float32) for p in p_k]
+    m_k = [torch.zeros_like(p, dtype=torch.float32) for p in p_k]
+    m_t = [m.clone() for m in m_k]
     lr = torch.tensor(1e-2)
     for i in range(10):
         grads = _tensors(SHAPES, dtype=torch.bfloat16, seed=300 + i)

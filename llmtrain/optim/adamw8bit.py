@@ -26,6 +26,7 @@ import torch
 
 from llmtrain.errors import ConfigError, choices
 from llmtrain.optim.kernels import require_triton, triton_usable
+from llmtrain.optim.kernels._launch import local_tensor
 from llmtrain.optim.kernels.twins import (
     create_dynamic_map, fused_adamw8bit_reference, fused_adamw_reference, num_quant_blocks,
 )
@@ -99,7 +100,8 @@ class AdamW8bit(torch.optim.Optimizer):
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             if p.numel() >= self.min_8bit_size:
-                blocks = num_quant_blocks(p.numel())
+                # blocks tile this rank's shard: FSDP2 hands the kernels DTensors' local tensors
+                blocks = num_quant_blocks(local_tensor(p).numel())
                 state["exp_avg_q"] = torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.contiguous_format)
                 state["exp_avg_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
                 state["exp_avg_sq_q"] = torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.contiguous_format)

@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from llmtrain.optim.kernels._launch import (
-    interpret_mode, LaunchTables, LazyKernel, block_sizes, check_writable, contiguous_grad, device_step, group_by,
-    local_tensor, scalar_operand,
+    LaunchTables, LazyKernel, block_sizes, check_writable, contiguous_grad, device_step, group_by,
+    interpret_mode, local_tensor, scalar_operand,
 )
 from llmtrain.optim.kernels.twins import fused_adamw_reference, log_beta  # noqa: F401  (oracle re-exported)
 
@@ -28,7 +28,8 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 def _adamw_kernel(tensor_table, chunk_table, lr_ptr, lr, beta1, one_minus_beta1, beta2, one_minus_beta2,
                   log_beta1, log_beta2, eps, weight_decay,
                   P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
-                  LR_ON_DEVICE: tl.constexpr, MAXIMIZE: tl.constexpr, SOFT_BF16: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                  LR_ON_DEVICE: tl.constexpr, MAXIMIZE: tl.constexpr, SOFT_BF16: tl.constexpr,
+                  CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     tensor = tl.load(chunk_table + 2 * pid)
     start = tl.load(chunk_table + 2 * pid + 1)
@@ -135,6 +136,7 @@ def fused_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs
             tensor_table, chunk_table, lr_tensor if lr_tensor is not None else tensor_table, lr_value,
             beta1, 1.0 - beta1, beta2, 1.0 - beta2, log_beta(beta1), log_beta(beta2), eps, weight_decay,
             P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype], M_DTYPE=_TL_DTYPES[m_dtype],
-            HAS_MASTER=ws is not None, LR_ON_DEVICE=lr_tensor is not None, MAXIMIZE=bool(maximize), SOFT_BF16=interpret_mode(),
+            HAS_MASTER=ws is not None, LR_ON_DEVICE=lr_tensor is not None, MAXIMIZE=bool(maximize),
+            SOFT_BF16=interpret_mode(),
             CHUNK=chunk, BLOCK=block,
         )

@@ -44,7 +44,8 @@ def quant_maps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.
 def _adamw8bit_kernel(tensor_table, chunk_table, code_m, bounds_m, code_v, bounds_v, lr_ptr, lr,
                       beta1, one_minus_beta1, beta2, one_minus_beta2, log_beta1, log_beta2, eps, weight_decay,
                       P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
-                      MAXIMIZE: tl.constexpr, SOFT_BF16: tl.constexpr, QBLOCK: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr):
+                      MAXIMIZE: tl.constexpr, SOFT_BF16: tl.constexpr, QBLOCK: tl.constexpr, ROWS: tl.constexpr,
+                      CHUNK: tl.constexpr):
     pid = tl.program_id(0)
     tensor = tl.load(chunk_table + 2 * pid)
     start = tl.load(chunk_table + 2 * pid + 1)  # a multiple of QBLOCK
