@@ -132,12 +132,14 @@ def load_checkpoint(ckpt_dir: str | Path) -> tuple[dict, dict, dict]:
 # not depend on the world size or the strategy that wrote it:
 #   ``model/<fqn>``                        model tensors (DTensor shards under FSDP/HSDP)
 #   ``optim/<fqn>/<state key>[/<sub>...]``  optimizer state of the parameter named <fqn>
-#   ``optim_groups``                        the param groups' hyperparameters, in build order
+# and ``optim_meta.pt`` (rank 0): the param groups' hyperparameters in build order and the
+# optimizer's non-tensor state, loaded with weights_only=True like every other file.
 # Resuming on any world size (including one process, without a process group) builds a template
 # of the tensors this rank needs, sharded like its own parameters, and lets DCP reshard into it.
 # ---------------------------------------------------------------------------------------------
 
 DCP_DIR = "dcp"
+OPTIM_META = "optim_meta.pt"  # param groups' hyperparameters and non-tensor optimizer state
 _LIST_MARK = "#"  # marks a list index in a flattened optimizer-state key
 
 
@@ -202,17 +204,22 @@ def _groups_hyperparams(optimizer) -> list[dict[str, Any]]:
     return [{k: v for k, v in g.items() if k != "params"} for g in _inner(optimizer).param_groups]
 
 
-def sharded_state(model: torch.nn.Module, optimizer) -> dict[str, Any]:
-    """The flat, name-keyed DCP state of ``model`` (unwrapped) and ``optimizer`` on this rank."""
+def sharded_state(model: torch.nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This rank's flat, name-keyed DCP tensors of ``model`` (unwrapped) and ``optimizer``, and
+    the optimizer's non-tensor state (Python numbers per parameter), kept out of DCP because DCP
+    unpickles non-tensor entries with weights_only=False."""
     names = _param_names(model)
     flat: dict[str, Any] = {f"model/{k}": v for k, v in model.state_dict().items()}
+    scalars: dict[str, Any] = {}
     inner = _inner(optimizer)
     for group in inner.param_groups:
         for p in group["params"]:
             if p in inner.state and inner.state[p]:
-                _flatten(f"optim/{names[id(_model_param(optimizer, p))]}", dict(inner.state[p]), flat)
-    flat["optim_groups"] = _groups_hyperparams(optimizer)
-    return flat
+                entries: dict[str, Any] = {}
+                _flatten(f"optim/{names[id(_model_param(optimizer, p))]}", dict(inner.state[p]), entries)
+                for key, value in entries.items():
+                    (flat if isinstance(value, torch.Tensor) else scalars)[key] = value
+    return flat, scalars
 
 
 def save_sharded_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer,
@@ -229,8 +236,13 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Modu
             shutil.rmtree(tmp)
         tmp.mkdir()
     dist.barrier()
-    dcp.save(sharded_state(model, optimizer), storage_writer=dcp.FileSystemWriter(str(tmp / DCP_DIR)))
+    tensors, scalars = sharded_state(model, optimizer)
+    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp / DCP_DIR)))
+    gathered: list[Any] = [None] * env.world_size
+    dist.all_gather_object(gathered, scalars)
     if env.is_main:
+        merged = {k: v for part in gathered for k, v in part.items()}
+        torch.save({"param_groups": _groups_hyperparams(optimizer), "scalars": merged}, tmp / OPTIM_META)
         torch.save(trainer_state, tmp / "trainer.pt")
     dist.barrier()  # every rank's shards are on disk before the checkpoint becomes valid
     if env.is_main:
@@ -374,24 +386,18 @@ def restore(ckpt_dir: str | Path, model: torch.nn.Module, optimizer) -> dict[str
     missing = [k for k in template if k not in meta.state_dict_metadata]
     if missing:
         raise UserError("resume", f"checkpoint lacks model tensors {[k[6:] for k in missing[:3]]} (a different model config?)")
-    template["optim_groups"] = None
     for key, m in meta.state_dict_metadata.items():
-        if not key.startswith("optim/"):
-            continue
-        name = key.split("/")[1]
-        if name not in mine:
-            continue  # another rank owns this parameter's state
-        if isinstance(m, TensorStorageMetadata):
+        name = key.split("/")[1] if key.startswith("optim/") else None
+        if name in mine and isinstance(m, TensorStorageMetadata):  # else another rank owns it
             template[key] = _empty_like_target(m.size, m.properties.dtype, mine[name])
-        else:
-            template[key] = None
     _dcp_load(template, ckpt_dir)
     _load_model_values(model, {k[len("model/"):]: v for k, v in template.items() if k.startswith("model/")})
+    optim_meta = _load(ckpt_dir / OPTIM_META)
     per_param: dict[str, dict[str, Any]] = {}
-    for key, value in template.items():
-        if key.startswith("optim/"):
+    for key, value in [*template.items(), *optim_meta["scalars"].items()]:
+        if key.startswith("optim/") and key.split("/")[1] in mine:
             _, name, rest = key.split("/", 2)
             per_param.setdefault(name, {})[rest] = value
     state = {name: _unflatten(entries) for name, entries in per_param.items()}
-    _load_optimizer_values(optimizer, model, state, template["optim_groups"])
+    _load_optimizer_values(optimizer, model, state, optim_meta["param_groups"])
     return _load(ckpt_dir / "trainer.pt")
