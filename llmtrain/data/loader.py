@@ -18,6 +18,7 @@ repeats, reshuffled; a large one contributes a fresh random subset every epoch).
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 from typing import Optional, Sequence
@@ -63,11 +64,15 @@ class EpochOrder:
     Nothing is materialised: any position is computed on demand (see ``permutation``).
     """
 
+    CHUNK = 8192
+
     def __init__(self, counts: np.ndarray, weights: Optional[Sequence[float]], seed: int):
         self.counts, self.seed = np.asarray(counts, dtype=np.int64), seed
         self.size = int(self.counts.sum())
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)])
         self.quota = None if weights is None else self._quota(np.asarray(weights, dtype=np.float64))
+        self._chunks: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+        self._lock = threading.Lock()
         if self.quota is not None:
             if np.any((self.quota > 0) & (self.counts == 0)):
                 raise ValueError("a weighted source has no windows")
@@ -83,10 +88,31 @@ class EpochOrder:
 
     def epoch(self, e: int) -> np.ndarray:
         """All window ids of epoch e in order (for inspection and tests; the loader never needs it)."""
-        return self.window_ids(np.arange(e * self.size, (e + 1) * self.size, dtype=np.int64))
+        return self._ids(np.arange(e * self.size, (e + 1) * self.size, dtype=np.int64))
 
     def window_ids(self, positions: np.ndarray) -> np.ndarray:
-        epochs, within = np.divmod(np.asarray(positions, dtype=np.int64), self.size)
+        """Window ids at these stream positions, computed CHUNK positions at a time and memoised:
+        a Feistel evaluation costs the same few hundred microseconds for 16 positions or 16K."""
+        positions = np.asarray(positions, dtype=np.int64)
+        chunks = positions // self.CHUNK
+        out = np.empty(len(positions), dtype=np.int64)
+        for c in np.unique(chunks).tolist():
+            sel = np.flatnonzero(chunks == c)
+            out[sel] = self._chunk(c)[positions[sel] - c * self.CHUNK]
+        return out
+
+    def _chunk(self, c: int) -> np.ndarray:
+        with self._lock:
+            ids = self._chunks.get(c)
+            if ids is None:
+                ids = self._ids(np.arange(c * self.CHUNK, (c + 1) * self.CHUNK, dtype=np.int64))
+                self._chunks[c] = ids
+                if len(self._chunks) > 4:
+                    self._chunks.popitem(last=False)
+            return ids
+
+    def _ids(self, positions: np.ndarray) -> np.ndarray:
+        epochs, within = np.divmod(positions, self.size)
         out = np.empty(len(within), dtype=np.int64)
         for e in np.unique(epochs).tolist():
             sel = np.flatnonzero(epochs == e)
@@ -101,8 +127,10 @@ class EpochOrder:
         k = slots - self.slots[source]
         passes, j = np.divmod(k, self.counts[source])
         out = np.empty(len(slots), dtype=np.int64)
-        for si, rep in {(int(a), int(b)) for a, b in zip(source, passes)}:
-            sel = np.flatnonzero((source == si) & (passes == rep))
+        group = source * (int(passes.max()) + 1) + passes
+        for g in np.unique(group).tolist():
+            sel = np.flatnonzero(group == g)
+            si, rep = int(source[sel[0]]), int(passes[sel[0]])
             out[sel] = self.offsets[si] + permute(j[sel], int(self.counts[si]), (self.seed, e, si, rep))
         return out
 

@@ -9,6 +9,7 @@ for just the positions asked for (Black & Rogaway, "Ciphers with Arbitrary Finit
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -16,8 +17,9 @@ import numpy as np
 ROUNDS = 6
 
 
-def _round_keys(key: Sequence[int]) -> np.ndarray:
-    return np.random.SeedSequence([int(k) for k in key]).generate_state(ROUNDS, dtype=np.uint64)
+@functools.lru_cache(maxsize=256)
+def _round_keys(key: tuple[int, ...]) -> np.ndarray:
+    return np.random.SeedSequence(list(key)).generate_state(ROUNDS, dtype=np.uint64)
 
 
 def _mix(x: np.ndarray, k: np.uint64) -> np.ndarray:
@@ -42,7 +44,7 @@ def permute(indices: np.ndarray, n: int, key: Sequence[int]) -> np.ndarray:
     if n <= 0:
         raise ValueError("permute needs n > 0")
     half_bits = max(1, (int(n - 1).bit_length() + 1) // 2)
-    keys = _round_keys(key)
+    keys = _round_keys(tuple(int(k) for k in key))
     with np.errstate(over="ignore"):
         y = _feistel(np.asarray(indices, dtype=np.uint64), half_bits, keys)
         outside = y >= n
