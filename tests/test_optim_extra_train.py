@@ -33,6 +33,7 @@ TRAIN_CASES: dict[str, dict] = {
     "apollo": dict(lr=1e-2, adamw_lr=1e-2, rank=8),
     "apollo_mini": dict(lr=1e-2, adamw_lr=1e-2),
     "psgd_kron": dict(lr=3e-3),
+    "kfac": dict(lr=0.05, TCov=1, TInv=5),
     # Closure-driven: each step runs up to max_eval forward+backward passes, so fewer steps.
     # L-BFGS is for full-batch problems: one fixed batch.
     "lbfgs": dict(lr=1.0, max_iter=5, history_size=10, line_search_fn="strong_wolfe", steps=5, fixed_batch=True),
