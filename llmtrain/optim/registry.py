@@ -53,6 +53,7 @@ from llmtrain.optim.adam_variants import Adamax, NAdam, RAdam  # noqa: E402
 from llmtrain.optim.adan import Adan  # noqa: E402
 from llmtrain.optim.apollo import APOLLO, APOLLOMini  # noqa: E402
 from llmtrain.optim.came import CAME  # noqa: E402
+from llmtrain.optim.kfac import KFAC  # noqa: E402
 from llmtrain.optim.lbfgs import LBFGS  # noqa: E402
 from llmtrain.optim.nd_adam import NDAdam  # noqa: E402
 from llmtrain.optim.psgd_kron import PSGDKron  # noqa: E402
@@ -73,4 +74,5 @@ OPTIMIZERS.update({
     "apollo": APOLLO,
     "apollo_mini": APOLLOMini,
     "psgd_kron": PSGDKron,
+    "kfac": KFAC,
 })
