@@ -105,7 +105,8 @@ def test_state_dict_round_trip():
         opt.zero_grad()
         ((model(x) - y) ** 2).mean().backward()
         opt.step()
-    clone = copy.deepcopy(model)
+    clone = setup()[0]  # not deepcopy(model): that would copy the hooks bound to the first optimizer
+    clone.load_state_dict(model.state_dict())
     opt2 = OPTIMIZERS["kfac"](clone.parameters(), lr=0.1, model=clone, TCov=2, TInv=3)
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
     for o, m in ((opt, model), (opt2, clone)):
