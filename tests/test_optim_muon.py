@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from llmtrain.models import build_model
 from llmtrain.optim import build_optimizer
 from llmtrain.optim.muon import Muon, zeropower_via_newtonschulz5
 from optim_parity import assert_state_dict_round_trip, max_trajectory_diff, moved
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """bf16 matmuls on tiny matrices: one thread avoids oversubscription on shared CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ---- reference: github.com/KellerJordan/Muon muon.py (zeropower_via_newtonschulz5, muon_update,
