@@ -7,8 +7,8 @@ shards) and the common recipe of ``datasets.load_dataset("json") .map(num_proc=.
 concatenated into one uint16 file (nanoGPT's prepare.py). Then the loader is timed: packed
 windows per second from the memory-mapped shards, synchronous and with prefetch threads.
 
-    python scripts/bench_data.py               # ~20 MB corpus
-    python scripts/bench_data.py --mb 5 --loader-batches 500
+    python scripts/bench_data.py               # 20 MiB corpus, each preparer twice (best kept)
+    python scripts/bench_data.py --mb 5 --repeat 1 --loader-batches 500
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def bench_baseline(corpus: Path, tokenizer_json: Path, work: Path, num_proc: int
         return {"ids": [x + [eos] for x in ids], "len": [len(x) + 1 for x in ids]}
 
     started = time.perf_counter()
-    ds = datasets.load_dataset("json", data_files=str(corpus), split="train", cache_dir=str(work / "hf"))
+    ds = datasets.load_dataset("json", data_files=str(corpus), split="train", cache_dir=str(work / "hf"))  # per-repeat dir
     ds = ds.map(tokenize, batched=True, num_proc=num_proc if num_proc > 1 else None, remove_columns=["text"])
     mapped = time.perf_counter() - started
     total = int(np.sum(ds["len"], dtype=np.int64))
@@ -86,7 +86,10 @@ def bench_baseline(corpus: Path, tokenizer_json: Path, work: Path, num_proc: int
     return mapped, time.perf_counter() - started, total
 
 
-def bench_loader(cache: Path, corpus: Path, tokenizer_json: Path, seq_len: int, micro: int, workers: int, batches: int):
+def bench_loader(cache: Path, corpus: Path, tokenizer_json: Path, seq_len: int, micro: int, workers: int, batches: int,
+                 busy_s: float = 0.0):
+    """Windows/s and tokens/s; ``busy_s`` sleeps per batch like a training step waiting on the GPU
+    (the GIL is free), which is when prefetch threads pay off."""
     from llmtrain.data import build_data
     from llmtrain.data.config import DataConfig
 
@@ -94,13 +97,18 @@ def bench_loader(cache: Path, corpus: Path, tokenizer_json: Path, seq_len: int, 
                      num_proc=1, val_fraction=0.0, num_workers=workers, progress=False)
     loader = build_data(cfg, seq_len=seq_len, seed=0, rank=0, world_size=1, micro_batch_size=micro,
                         global_batch_size=micro).train
-    loader.next_batch()  # start threads, build the first permutation
+    loader.next_batch()  # start threads, compute the first chunk of the order
+    waited = 0.0
     started = time.perf_counter()
     for _ in range(batches):
+        t0 = time.perf_counter()
         loader.next_batch()
+        waited += time.perf_counter() - t0
+        if busy_s:
+            time.sleep(busy_s)
     elapsed = time.perf_counter() - started
     loader.close()
-    return batches * micro / elapsed, batches * micro * seq_len / elapsed
+    return batches * micro / elapsed, batches * micro * seq_len / elapsed, waited / elapsed
 
 
 def main() -> None:
@@ -109,10 +117,11 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--num-proc", type=int, default=2)
     ap.add_argument("--loader-batches", type=int, default=2000)
+    ap.add_argument("--repeat", type=int, default=2, help="interleaved repeats of each preparer; best time kept")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench_data_"))
-    os.environ.setdefault("HF_DATASETS_CACHE", str(work / "hf"))
+    os.environ["HF_DATASETS_CACHE"] = str(work / "hf")  # a fresh cache: no map result is reused
     try:
         corpus = work / "corpus.jsonl"
         n_docs = make_corpus(corpus, args.mb)
@@ -126,13 +135,22 @@ def main() -> None:
         print(f"corpus: {args.mb:.0f} MiB, {n_docs} documents; byte-level BPE vocab {args.vocab}; "
               f"{os.cpu_count()} CPUs", flush=True)
 
-        rows = []
-        for num_proc in sorted({1, args.num_proc}):
-            secs, tokens = bench_prepare(corpus, tokenizer_json, work / "cache", num_proc)
-            rows.append((f"llmtrain prepare (num_proc={num_proc})", secs, tokens))
-        mapped, total_s, tokens = bench_baseline(corpus, tokenizer_json, work, args.num_proc)
-        rows.append((f"datasets.map + PreTrainedTokenizerFast (num_proc={args.num_proc})", mapped, tokens))
-        rows.append((f"  ... + write uint16 .bin", total_s, tokens))
+        # Interleaved repeats, best time kept: on a shared machine the minimum is the least noisy.
+        best: dict[str, tuple[float, int]] = {}
+
+        def keep(name: str, secs: float, tokens: int) -> None:
+            if name not in best or secs < best[name][0]:
+                best[name] = (secs, tokens)
+
+        for r in range(args.repeat):
+            for num_proc in sorted({1, args.num_proc}):
+                secs, tokens = bench_prepare(corpus, tokenizer_json, work / f"cache{r}", num_proc)
+                keep(f"llmtrain prepare (num_proc={num_proc})", secs, tokens)
+            (work / f"base{r}").mkdir()
+            mapped, total_s, tokens = bench_baseline(corpus, tokenizer_json, work / f"base{r}", args.num_proc)
+            keep(f"datasets.map + PreTrainedTokenizerFast (num_proc={args.num_proc})", mapped, tokens)
+            keep("  ... + write uint16 .bin", total_s, tokens)
+        rows = [(name, secs, tokens) for name, (secs, tokens) in best.items()]
         base = rows[-1][1]
         print(f"\n{'preparation':58s} {'seconds':>8s} {'tokens':>11s} {'tokens/s':>11s} {'vs baseline':>11s}")
         for name, secs, toks in rows:
@@ -141,9 +159,14 @@ def main() -> None:
         print(f"\n{'loader (one rank)':40s} {'windows/s':>12s} {'tokens/s':>14s}")
         for seq_len, micro in ((128, 16), (1024, 16)):
             for workers in (0, 1, 2):
-                windows, toks = bench_loader(work / "cache", corpus, tokenizer_json, seq_len, micro, workers,
+                windows, toks, _ = bench_loader(work / "cache0", corpus, tokenizer_json, seq_len, micro, workers,
                                              args.loader_batches)
                 print(f"{f'seq_len={seq_len} micro={micro} num_workers={workers}':40s} {windows:12,.0f} {toks:14,.0f}")
+        print(f"\n{'loader + 2 ms simulated GPU step per batch':40s} {'windows/s':>12s} {'time in next_batch':>19s}")
+        for workers in (0, 1):
+            windows, _, waiting = bench_loader(work / "cache0", corpus, tokenizer_json, 1024, 16, workers,
+                                               args.loader_batches // 4, busy_s=0.002)
+            print(f"{f'seq_len=1024 micro=16 num_workers={workers}':40s} {windows:12,.0f} {waiting:18.1%}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
