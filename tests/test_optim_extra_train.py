@@ -34,6 +34,9 @@ TRAIN_CASES: dict[str, dict] = {
     "apollo_mini": dict(lr=1e-2, adamw_lr=1e-2),
     "psgd_kron": dict(lr=3e-3),
     "kfac": dict(lr=0.05, TCov=1, TInv=5),
+    # Through backward(loss); lomo with the norm pass (two backwards per step).
+    "lomo": dict(lr=1.0, clip_grad_norm=1.0),
+    "adalomo": dict(lr=0.05),
     # Closure-driven: each step runs up to max_eval forward+backward passes, so fewer steps.
     # L-BFGS is for full-batch problems: one fixed batch.
     "lbfgs": dict(lr=1.0, max_iter=5, history_size=10, line_search_fn="strong_wolfe", steps=5, fixed_batch=True),
@@ -76,6 +79,7 @@ def train(name: str, steps: int = STEPS, fixed_batch: bool = False, **optim_kw) 
         if getattr(opt, "owns_backward", False):
             loss = lm_loss(model, x, y)
             opt.backward(loss)
+            assert all(p.grad is None for p in model.parameters())
         elif getattr(opt, "requires_closure", False):
             def closure():
                 opt.zero_grad()
