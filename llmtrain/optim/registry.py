@@ -55,6 +55,7 @@ from llmtrain.optim.apollo import APOLLO, APOLLOMini  # noqa: E402
 from llmtrain.optim.came import CAME  # noqa: E402
 from llmtrain.optim.kfac import KFAC  # noqa: E402
 from llmtrain.optim.lbfgs import LBFGS  # noqa: E402
+from llmtrain.optim.lomo import LOMO, AdaLomo  # noqa: E402
 from llmtrain.optim.nd_adam import NDAdam  # noqa: E402
 from llmtrain.optim.psgd_kron import PSGDKron  # noqa: E402
 from llmtrain.optim.signsgd import SignSGD, Signum  # noqa: E402
@@ -75,4 +76,6 @@ OPTIMIZERS.update({
     "apollo_mini": APOLLOMini,
     "psgd_kron": PSGDKron,
     "kfac": KFAC,
+    "lomo": LOMO,
+    "adalomo": AdaLomo,
 })
