@@ -666,6 +666,13 @@ def build_report(sweep_dir: str | os.PathLike, *, target: Optional[float] = None
     return report
 
 
+def _setup_line(runs: Sequence[Run]) -> str:
+    """How the runs were executed (from summary.json), so a reader knows what timings mean."""
+    setups = sorted({f"{r.summary.get('world_size', '?')} x {r.summary.get('strategy', '?')}, "
+                     f"{r.summary.get('precision', '?')}" for r in runs if r.summary})
+    return f"Setup (processes x strategy, precision): {'; '.join(setups)}." if setups else ""
+
+
 def render_markdown(report: Report, out_dir: Path) -> str:
     b = report.baseline
     header = [h.format(b=b) for h in TABLE_HEADER]
@@ -674,6 +681,7 @@ def render_markdown(report: Report, out_dir: Path) -> str:
         f"# Optimizer comparison: `{report.sweep_dir}`",
         "",
         f"{len(report.runs)} runs, {n_ok} usable, {len(report.best)} optimizers with a usable run.",
+        _setup_line(report.runs),
         "",
         "## Each optimizer at its best learning rate",
         "",
@@ -689,7 +697,8 @@ def render_markdown(report: Report, out_dir: Path) -> str:
         f"tokens (less time) than {b}." + ("" if any(r.optimizer == b for r in report.rows)
                                            else f" No usable `{b}` run in this sweep, so no speed-ups."),
         "- **tokens/s, peak memory, opt. state bytes/param**: from the best run's summary.json "
-        "(optimizer state is per rank).",
+        "(optimizer state is per rank). Wall-clock columns compare fairly only between runs made "
+        "one after another on the same, otherwise idle machine.",
         "",
     ]
     if report.notes:

@@ -58,6 +58,7 @@ def write_run(path: Path, optimizer: str, lr: float, val_losses, *, status="comp
             "optimizer_state_bytes_per_param": 8.0 if optimizer == "adamw" else 4.0,
             "tokens_per_s": 500.0 if optimizer == "adamw" else 400.0,
             "peak_mem_bytes": 2**20 * (3 if optimizer == "adamw" else 2), "wall_time_s": 8.0,
+            "world_size": 1, "strategy": "none", "precision": "float32",
         }))
     return path
 
@@ -223,6 +224,7 @@ def test_report_end_to_end_on_a_sweep_with_bad_runs(sweep, capsys):
             for line in text.splitlines() if line.startswith("| adamw") or line.startswith("| lion")}
     # target = worst best-final = adamw's 3.0; adamw reaches it at 4000 tokens (8 s), lion at 3000 (6 s).
     assert "**target loss**: 3.0000" in text
+    assert "Setup (processes x strategy, precision): 1 x none, float32." in text
     assert rows["adamw"][:8] == ["adamw", "0.001", "2/2", "3.0000", "3.0000", "4k", "1.00x", "8.0 s"]
     assert rows["lion"][:9] == ["lion", "0.0001", "1/2", "2.9000", "2.9000", "3k", "1.33x", "6.0 s", "1.33x"]
     assert rows["lion"][9:] == ["400", "2.00 MiB", "4", "1k"]
