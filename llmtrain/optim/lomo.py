@@ -77,7 +77,8 @@ class _FusedBackwardOptimizer(torch.optim.Optimizer):
         super().__init__(params, dict(defaults, clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value))
         self.param_groups[0].setdefault("fused_steps", 0)
         self.loss_scale = loss_scale
-        self.last_grad_norm: Optional[float] = None
+        # The trainer logs this as grad_norm; it is only measured when the norm pass runs.
+        self.last_grad_norm: float = float("nan")
         self._mode: Optional[str] = None  # None: hooks inactive; "norm": measure; "update": apply
         self._sq_norms: list[Tensor] = []
         self._clip_coef: Optional[Tensor] = None
