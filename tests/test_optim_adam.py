@@ -86,3 +86,20 @@ def test_invalid_hyperparameters_raise_value_error():
         AdamW(p, lr=-1.0)
     with pytest.raises(ValueError):
         AdamW(p, betas=(0.9, 1.0))
+
+
+@pytest.mark.parametrize("cls,ref,wd", [(AdamW, torch.optim.AdamW, 0.1), (Adam, torch.optim.Adam, 0.0)])
+def test_triton_impl_under_the_interpreter_matches_torch(monkeypatch, cls, ref, wd):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    kw = dict(lr=3e-2, betas=(0.9, 0.95), weight_decay=wd)
+    assert max_trajectory_diff(lambda p: cls(p, impl="triton", **kw), lambda p: ref(p, foreach=False, **kw), steps=20) < 1e-6
+
+
+def test_triton_impl_refuses_what_the_kernel_lacks(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ConfigError, match="amsgrad"):
+        AdamW(p, impl="triton", amsgrad=True)
+    with pytest.raises(ConfigError, match="optim=adamw"):
+        Adam(p, impl="triton", weight_decay=0.1)

@@ -39,3 +39,10 @@ def test_round_trip_and_state_bytes():
 def test_no_fused_impl():
     with pytest.raises(ConfigError, match="optim.impl"):
         Lion([torch.nn.Parameter(torch.zeros(1))], impl="fused")
+
+
+def test_triton_impl_under_the_interpreter_matches_lion_pytorch(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    kw = dict(lr=3e-3, betas=(0.95, 0.98), weight_decay=0.5)
+    assert max_trajectory_diff(lambda p: Lion(p, impl="triton", **kw), lambda p: RefLion(p, **kw), steps=20) < 1e-6

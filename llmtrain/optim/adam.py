@@ -92,17 +92,10 @@ def adam_step(
                 weight_decay=weight_decay, decoupled=decoupled, maximize=maximize,
             )
     elif impl == "triton":
-        fused_adamw_ = load_kernel("adamw", "fused_adamw_")
-        # The kernel takes one step counter per launch: group tensors by device and step value.
-        buckets: dict[tuple, list[int]] = {}
-        for i, p in enumerate(params):
-            buckets.setdefault((p.device, float(steps[i].item())), []).append(i)
-        for idx in buckets.values():
-            fused_adamw_(
-                [params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
-                [exp_avg_sqs[i] for i in idx], steps[idx[0]], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                weight_decay=weight_decay, maximize=maximize,
-            )
+        load_kernel("adamw", "fused_adamw_")(
+            params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, maximize=maximize,
+        )
     else:
         # torch's functional Adam: the same maths, multi-tensor (foreach) or one fused kernel.
         # It increments the step counters itself, so hand it the pre-increment values.
