@@ -200,3 +200,15 @@ def test_forward_rejects_sequences_past_max_seq_len():
     model = build_model(tiny("llama"))
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 25, dtype=torch.long))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "gpt"])
+def test_compiles_without_graph_breaks(family):
+    """train.compile relies on one graph per forward, checkpointed blocks included."""
+    model = build_model(tiny(family, activation_checkpointing="selective"))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    idx = torch.randint(0, 61, (2, 16))
+    out = compiled(idx)
+    out.sum().backward()
+    torch.testing.assert_close(out, model(idx))
