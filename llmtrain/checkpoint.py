@@ -152,6 +152,13 @@ def _is_dtensor(t: Any) -> bool:
 
 
 def _param_names(model: torch.nn.Module) -> dict[int, str]:
+    """Parameter name by id. FSDP2 registers whole parameters while a forward's are kept (the
+    root after an eval forward); resharding first puts back the DTensors the optimizer holds."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
     return {id(p): name for name, p in model.named_parameters(remove_duplicate=True)}
 
 

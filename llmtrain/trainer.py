@@ -24,6 +24,7 @@ from llmtrain.distributed import all_reduce_mean, barrier, grad_sync, init_distr
 from llmtrain.errors import ConfigError, ResourceError
 from llmtrain.logging import RunLogger
 from llmtrain.optim.protocol import StepContext, state_bytes
+from llmtrain.optim.sharded import shard_optimizer
 from llmtrain.schedules import lr_factor
 
 # Dense bf16 peak FLOP/s of GPUs we can name, for MFU. Unknown devices report mfu: null.
@@ -102,8 +103,8 @@ class Trainer:
 
             load_init_weights(model, cfg.model.init_from)
         self.params = sum(p.numel() for p in model.parameters())
-        self.model = parallelize(model, env, compile=t.compile)
-        self.optimizer = build_optimizer(cfg, unwrap(self.model))
+        self.model = parallelize(model, env, compile=t.compile, param_dtype=self.dtype, options=cfg.distributed)
+        self.optimizer = shard_optimizer(build_optimizer(cfg, unwrap(self.model)), env, cfg.optim.get("name"))
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
         refuse = getattr(self.optimizer, "refuse", None)
@@ -242,7 +243,10 @@ class Trainer:
                 "scaler": self.scaler.state_dict(), "wandb_run_id": self.log.wandb_run_id,
             }
             path = checkpoint.checkpoint_root(self.run_dir) / f"step_{self.step}"
-            if self.env.is_main:
+            if self.env.world_size > 1:  # every rank writes its shards (torch.distributed.checkpoint)
+                path = checkpoint.save_sharded_checkpoint(self.run_dir, self.step, unwrap(self.model), self.optimizer,
+                                                          state, self.env, keep=self.cfg.train.keep_checkpoints)
+            elif self.env.is_main:
                 path = checkpoint.save_checkpoint(self.run_dir, self.step, unwrap(self.model).state_dict(),
                                                   self.optimizer.state_dict(), state, keep=self.cfg.train.keep_checkpoints)
             barrier(self.env)
@@ -251,10 +255,9 @@ class Trainer:
     def _resume(self, path: Optional[Path]) -> Optional[str]:
         if path is None:
             return None
-        model_state, optim_state, state = checkpoint.load_checkpoint(path)
-        unwrap(self.model).load_state_dict(model_state)
+        # Either layout (one file per kind, or DCP shards) onto this run's world size and strategy.
         self._hook("eval")  # the checkpoint holds evaluation weights; enter training mode from there
-        self.optimizer.load_state_dict(optim_state)
+        state = checkpoint.restore(path, unwrap(self.model), self.optimizer)
         self._hook("train")
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
         self.nonfinite_total, self.nonfinite_streak = state["nonfinite_total"], state["nonfinite_streak"]
