@@ -80,6 +80,27 @@ def block_layout(model: nn.Module) -> dict[int, int]:
     return layout
 
 
+def _split_by_block(params, layout: dict[int, int]) -> list[dict]:
+    """Split each parameter group by block size, recorded as the group key ``block_rows``.
+
+    Keeping the layout in the groups (not keyed by tensor identity) lets it survive wrappers that
+    substitute parameters, such as owner-rank sharding's whole-tensor copies.
+    """
+    groups = list(params)
+    if groups and not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    out = []
+    for group in groups:
+        by_rows: dict = {}
+        for p in group["params"]:
+            rows = layout.get(id(p), AdamMini.default_block_rows(p))
+            if rows > 0 and p.ndim >= 2 and p.shape[0] % rows:
+                rows = 1
+            by_rows.setdefault(rows, []).append(p)
+        out.extend(dict(group, params=ps, block_rows=rows) for rows, ps in by_rows.items())
+    return out
+
+
 class AdamMini(torch.optim.Optimizer):
     """Adam with block-shared second moments (≈ half of AdamW's optimizer memory)."""
 
@@ -98,13 +119,12 @@ class AdamMini(torch.optim.Optimizer):
         check_positive("epsilon value", eps)
         check_positive("weight_decay value", weight_decay)
         check_betas(betas)
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        self._layout = block_layout(model) if model is not None else {}
+        if model is not None:
+            params = _split_by_block(params, block_layout(model))
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, block_rows=None))
 
-    def block_rows(self, p: torch.Tensor) -> int:
-        if id(p) in self._layout:
-            rows = self._layout[id(p)]
-            return rows if rows == FULL or p.shape[0] % rows == 0 else 1
+    @staticmethod
+    def default_block_rows(p: torch.Tensor) -> int:
         return 1 if p.ndim >= 2 else -1
 
     @torch.no_grad()
@@ -121,7 +141,8 @@ class AdamMini(torch.optim.Optimizer):
                 state = self.state[p]
                 if "exp_avg" not in state:
                     state["step"] = 0
-                    state["block_rows"] = self.block_rows(p)
+                    rows = group["block_rows"]
+                    state["block_rows"] = self.default_block_rows(p) if rows is None else rows
                     state["exp_avg"] = torch.zeros_like(p)
                     state["v"] = torch.zeros_like(block_mean_sq(p.grad, state["block_rows"]))
                 state["step"] += 1

@@ -48,6 +48,7 @@ class SophiaG(torch.optim.Optimizer):
     """Sophia with the Gauss–Newton–Bartlett diagonal Hessian estimate, refreshed by ``after_step``."""
 
     state_bytes_per_param: float = 8.0
+    elementwise = True  # exact on FSDP shards (llmtrain.optim.sharded); the Hessian EMA is per element
 
     def __init__(
         self,
