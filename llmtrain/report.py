@@ -240,6 +240,10 @@ def classify_run(run: Run, diverge_factor: float = DEFAULT_DIVERGE_FACTOR) -> tu
         return DIVERGED, reason or "summary.json says diverged"
     if not run.train and not run.evals:
         if not run.has_metrics_file:
+            if run.summary is None and not (run.path / "config.yaml").exists():
+                # Only Hydra's .hydra/ copy: the job stopped while building (a config refusal
+                # or a crash); its one-line error is in the sweep's console output.
+                return FAILED, "no metrics.jsonl: the job failed before training (see the sweep's console output)"
             return FAILED, "no metrics.jsonl" + (f" ({'; '.join(run.problems)})" if run.problems else "")
         return FAILED, "metrics.jsonl has no readable rows"
 

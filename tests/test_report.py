@@ -136,6 +136,10 @@ def test_classify_run_reasons(tmp_path):
         "running": write_run(tmp_path / "u", "adamw", 1e-3, [5.0, 4.0], summary=False),
         "ok": write_run(tmp_path / "o", "adamw", 1e-3, [5.0, 4.0]),
     }
+    hydra_only = tmp_path / "h" / ".hydra"           # a sweep job that failed while building
+    hydra_only.mkdir(parents=True)
+    (hydra_only / "config.yaml").write_text(yaml.safe_dump({"optim": {"name": "adamw8bit", "lr": 1e-3}}))
+    cases["hydra_only"] = hydra_only.parent
     runs = {r.path: r for r in load_runs(tmp_path)}
     got = {name: classify_run(runs[path]) for name, path in cases.items()}
     assert got["failed"] == ("failed", "boom")
@@ -149,6 +153,8 @@ def test_classify_run_reasons(tmp_path):
     assert got["stopped"] == ("incomplete", "SIGTERM")
     assert got["running"][0] == "incomplete"
     assert got["ok"] == ("ok", "")
+    assert got["hydra_only"][0] == "failed" and "failed before training" in got["hydra_only"][1]
+    assert (runs[cases["hydra_only"]].optimizer, runs[cases["hydra_only"]].lr) == ("adamw8bit", 1e-3)
 
 
 def test_nan_written_as_string_or_null_counts_as_nonfinite(tmp_path):
