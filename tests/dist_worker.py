@@ -10,6 +10,7 @@ Writes {"losses": [...], "state_bytes": int, "world_size": int} to ``out`` (rank
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -126,5 +127,156 @@ def main(spec: dict) -> None:
     shutdown(env)
 
 
+def optim_config(name: str) -> dict:
+    """configs/optim/<name>.yaml, the preset users get with ``optim=<name>``."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "optim" / f"{name}.yaml"
+    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True) if path.is_file() else {"name": name, "lr": 1e-3}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+
+
+def run_steps(model, optimizer, micro_batches_per_step, steps: int, env, sync: bool) -> list[float]:
+    """The trainer's step: accumulate with grad_sync, clip, hooks, closure or owned backward."""
+    from llmtrain.optim.protocol import StepContext
+
+    def forward(x):
+        return model(x)
+
+    def forward_backward(micro):
+        total = torch.zeros(())
+        for i, (x, y) in enumerate(micro):
+            with grad_sync(model, enabled=(i == len(micro) - 1) or not sync):
+                logits = forward(x)
+                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1)) / len(micro)
+                if getattr(optimizer, "owns_backward", False):
+                    optimizer.backward(loss)
+                else:
+                    loss.backward()
+            total += loss.detach()
+        return total
+
+    def clip():
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    losses = []
+    for step in range(steps):
+        micro = micro_batches_per_step(step)
+        loss = forward_backward(micro)
+        if not getattr(optimizer, "owns_backward", False):
+            clip()
+            ctx = StepContext(model, micro, forward, step)
+            if callable(getattr(optimizer, "before_step", None)):
+                optimizer.before_step(ctx)
+            if getattr(optimizer, "requires_closure", False):
+                def closure():
+                    optimizer.zero_grad(set_to_none=True)
+                    with torch.enable_grad():
+                        out = forward_backward(micro)
+                    clip()
+                    return out
+                optimizer.step(closure)
+            else:
+                optimizer.step()
+            if callable(getattr(optimizer, "after_step", None)):
+                optimizer.after_step(ctx)
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(all_reduce_mean(loss, env) if sync else loss))
+    return losses
+
+
+def full_params(model) -> dict[str, torch.Tensor]:
+    from llmtrain.checkpoint import _param_names
+
+    _param_names(model)  # reshard FSDP roots so named_parameters are the DTensors
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()}
+
+
+def matrix(spec: dict) -> None:
+    """Every optimizer under one strategy vs one process on the same global batch: runs or refuses."""
+    from llmtrain.distributed import DistEnv
+    from llmtrain.errors import UserError
+
+    env = init_distributed("cpu", spec["strategy"], 120)
+
+    class Options:
+        gpus_per_node = spec.get("gpus_per_node", 8)
+        grad_compression = "none"
+
+    mcfg = ModelConfig(family="llama", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, vocab_size=128,
+                       max_seq_len=32, ffn_hidden=128)
+    gb, micro, steps = 8, 2, spec.get("steps", 3)
+    per_rank = gb // env.world_size
+
+    def global_micro(step):
+        x, y = batches(step, gb, 32, 128)
+        return [(x[i:i + micro], y[i:i + micro]) for i in range(0, gb, micro)]
+
+    def rank_micro(step):
+        x, y = batches(step, gb, 32, 128)
+        x, y = x[env.rank * per_rank:(env.rank + 1) * per_rank], y[env.rank * per_rank:(env.rank + 1) * per_rank]
+        return [(x[i:i + micro], y[i:i + micro]) for i in range(0, per_rank, micro)]
+
+    results = {}
+    for name in spec["optims"]:
+        cfg = optim_config(name)
+        torch.manual_seed(0)
+        ref_model = build_model(mcfg)
+        init = {n: p.detach().clone() for n, p in ref_model.named_parameters()}
+        torch.manual_seed(0)
+        model = build_model(mcfg)
+        local = DistEnv(0, 0, 1, torch.device("cpu"), "none")
+        ref_opt = build_optimizer(cfg, ref_model)
+        torch.manual_seed(1)
+        ref_losses = run_steps(ref_model, ref_opt, global_micro, steps, local, sync=False)
+        ref_params = {n: p.detach().clone() for n, p in ref_model.named_parameters()}
+        # Baseline with the very same gradients (DDP all-reduce): isolates what sharding changes
+        # from what reduction order changes (Muon's bf16 Newton-Schulz and SOAP's eigenbases
+        # turn 1e-7 gradient differences into visible ones even under plain DDP).
+        torch.manual_seed(0)
+        ddp_model = parallelize(build_model(mcfg), dataclasses.replace(env, strategy="ddp"), options=Options)
+        torch.manual_seed(0)
+        model = parallelize(model, env, options=Options)
+        try:
+            opt = shard_optimizer(build_optimizer(cfg, unwrap(model)), env, name)
+            refuse = getattr(opt, "refuse", None)
+            reason = refuse(env.strategy, per_rank // micro) if callable(refuse) else None
+            if reason:
+                raise UserError("optim.name", reason)
+        except UserError as err:
+            results[name] = {"refused": str(err)}
+            continue
+        try:
+            torch.manual_seed(1)
+            ddp_losses = run_steps(ddp_model, build_optimizer(cfg, unwrap(ddp_model)), rank_micro, steps, env, sync=True)
+            torch.manual_seed(1)
+            got = run_steps(model, opt, rank_micro, steps, env, sync=True)
+        except Exception as err:  # recorded so one broken optimizer does not hide the others
+            import traceback
+
+            tb = traceback.extract_tb(err.__traceback__)[-1]
+            results[name] = {"error": f"{type(err).__name__}: {str(err)[:200]} at {tb.filename}:{tb.lineno}"}
+            barrier(env)
+            continue
+        params, ddp_params = full_params(unwrap(model)), full_params(unwrap(ddp_model))
+        results[name] = {
+            "loss_diff_vs_one": max(abs(a - b) for a, b in zip(ref_losses, got)),
+            "loss_diff_ddp_vs_one": max(abs(a - b) for a, b in zip(ref_losses, ddp_losses)),
+            "param_diff_vs_one": max(float((params[n] - ref_params[n]).abs().max()) for n in ref_params),
+            "param_diff_vs_ddp": max(float((params[n] - ddp_params[n]).abs().max()) for n in ref_params),
+            "update": max(float((ref_params[n] - init[n]).abs().max()) for n in ref_params),
+            "state_bytes": state_bytes(opt),
+        }
+    barrier(env)
+    if env.is_main:
+        with open(spec["out"], "w") as f:
+            json.dump(results, f, indent=1)
+    shutdown(env)
+
+
 if __name__ == "__main__":
-    main(json.loads(sys.argv[1]))
+    spec = json.loads(sys.argv[1])
+    matrix(spec) if spec.get("mode") == "matrix" else main(spec)

@@ -117,6 +117,9 @@ def test_two_ranks_match_one(reference, corpus, data_cache, tmp_path, optim, str
     print(f"  optimizer_state_bytes per rank: 1 proc {one['optimizer_state_bytes']}, 2 procs {two['optimizer_state_bytes']} ({ratio:.3f})")
     if shards:
         assert 0.45 < ratio < 0.6
+    elif optim == "muon" and strategy == "hsdp":
+        # Shard groups of one keep AdamW state whole, but Muon's matrices still have one owner each.
+        assert 0.5 < ratio < 0.9
     else:
         assert ratio == pytest.approx(1.0, abs=0.01)
 

@@ -110,7 +110,8 @@ class OwnerShardedOptimizer:
                     kept.append(p)
                 elif entry.owner == rank:
                     kept.append(entry.shadow if entry.shadow is not None else p)
-                    optimizer.state.pop(p, None)
+                    if entry.shadow is not None and p in optimizer.state:  # state made in __init__ (seeds)
+                        optimizer.state[entry.shadow] = optimizer.state.pop(p)
                 else:
                     optimizer.state.pop(p, None)
             g["params"] = kept
