@@ -229,11 +229,12 @@ def test_bad_utf8_skips_with_a_count_or_fails(tmp_path, capsys):
         prepare(cfg_for(tmp_path, [str(tmp_path / "txt")], on_bad_utf8="error", cache_dir=str(tmp_path / "c2")))
 
 
-def test_jsonl_line_without_field_names_file_and_line(tmp_path):
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_jsonl_line_without_field_names_file_and_line(tmp_path, num_proc):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"body": "no text"}) + "\n")
     with pytest.raises(DataError, match=rf"^{path.resolve()}:2: record has no 'text' field"):
-        prepare(cfg_for(tmp_path, [str(path)]))
+        prepare(cfg_for(tmp_path, [str(path)], num_proc=num_proc, tokenizer_train_bytes=4))
 
 
 def test_unknown_source_key_and_type(tmp_path):

@@ -103,6 +103,8 @@ def prepare(cfg: DataConfig, progress: Optional[bool] = None) -> Path:
             if external is None and cfg.tokenizer != "bpe":
                 external = load_external(cfg.tokenizer)
             _build(cfg, specs, external, key, tmp, cfg.progress if progress is None else progress)
+            if final.exists():  # a damaged folder without meta.json: replace it
+                shutil.rmtree(final)
             os.replace(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -120,10 +122,16 @@ def _file_lock(path: Path):
 
 
 def _sample_for_tokenizer(specs: list[SourceSpec], cfg: DataConfig) -> Iterator[str]:
+    """Documents taken round-robin across sources, so every source of a mixture shapes the merges."""
     budget = cfg.tokenizer_train_bytes
     utf8 = BadUtf8(cfg.on_bad_utf8)
-    for spec in specs:
-        for text in iter_documents(spec, utf8):
+    active = [iter_documents(spec, utf8) for spec in specs]
+    while active and budget > 0:
+        for docs in list(active):
+            text = next(docs, None)
+            if text is None:
+                active.remove(docs)
+                continue
             yield text[:budget]
             budget -= len(text)
             if budget <= 0:
@@ -134,8 +142,9 @@ def _sample_for_tokenizer(specs: list[SourceSpec], cfg: DataConfig) -> Iterator[
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_json: str, eos_id: int) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism; no nested threads
+def _init_worker(tokenizer_json: str, eos_id: int, pool_worker: bool = True) -> None:
+    if pool_worker:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism; no nested threads
     from tokenizers import Tokenizer
 
     _WORKER["tok"] = Tokenizer.from_str(tokenizer_json)
@@ -229,16 +238,33 @@ def _build(cfg: DataConfig, specs: list[SourceSpec], external, key: str, folder:
     utf8 = BadUtf8(cfg.on_bad_utf8)
     started = time.perf_counter()
     bar = tqdm(desc=f"tokenizing {cfg.name}", unit="tok", unit_scale=True, disable=not progress, file=sys.stderr)
+    reader_error: list[BaseException] = []
+
+    def guarded(batches: Iterator) -> Iterator:
+        # Pool.imap runs this generator in its feeder thread and would ship an exception to a worker
+        # and back by pickle, which UserError(key, message) does not survive; keep it here instead.
+        try:
+            yield from batches
+        except UserError as err:
+            reader_error.append(err)
+
     with contextlib.ExitStack() as stack:
-        batches = _batches(specs, utf8)
+        batches = guarded(_batches(specs, utf8))
         if cfg.num_proc > 1:
-            pool = stack.enter_context(
-                mp.get_context("fork").Pool(cfg.num_proc, _init_worker, (tok.to_str(), eos_id))
-            )
+            # Set before forking: otherwise tokenizers warns in every child that BPE training already
+            # used its thread pool. The workers are single-threaded on purpose anyway.
+            user_set = "TOKENIZERS_PARALLELISM" in os.environ
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            try:  # Pool forks its workers here, with the variable in their environment
+                pool = stack.enter_context(
+                    mp.get_context("fork").Pool(cfg.num_proc, _init_worker, (tok.to_str(), eos_id))
+                )
+            finally:
+                if not user_set:
+                    os.environ.pop("TOKENIZERS_PARALLELISM", None)
             results = pool.imap(_encode, batches)
         else:
-            _init_worker(tok.to_str(), eos_id)
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)  # in-process: let tokenizers use its threads
+            _init_worker(tok.to_str(), eos_id, pool_worker=False)  # tokenizers uses its own threads
             results = map(_encode, batches)
         for source_ids, flat, lengths in results:
             ends = np.cumsum(lengths)
@@ -246,6 +272,8 @@ def _build(cfg: DataConfig, specs: list[SourceSpec], external, key: str, folder:
                 splitters[si].add(flat[end - n:end])
             bar.update(len(flat))
     bar.close()
+    if reader_error:
+        raise reader_error[0]
     for s in splitters:
         s.close()
     elapsed = time.perf_counter() - started
