@@ -235,7 +235,10 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Modu
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
-    root = checkpoint_root(run_dir)
+    # Rank 0's run_dir for everyone: Hydra's default dir is a timestamp each process takes itself.
+    shared = [str(run_dir)]
+    dist.broadcast_object_list(shared, src=0)
+    root = checkpoint_root(shared[0])
     final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
     if env.is_main:
         root.mkdir(parents=True, exist_ok=True)
@@ -257,7 +260,7 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Modu
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        for old in list_checkpoints(shared[0])[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
