@@ -8,9 +8,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from llmtrain.config import IMPLS
 from llmtrain.errors import ConfigError, choices
-
-IMPLS = ("auto", "triton", "fused", "foreach", "eager")
 
 
 def triton_runnable() -> bool:

@@ -10,7 +10,6 @@ makes the update invariant to the scale of m and v). Adam's direction rescaled p
 
 from __future__ import annotations
 
-import math
 
 import torch
 

@@ -20,7 +20,6 @@ M̂/(√V̂ + ε) ("grafting"), so the lr and schedule of AdamW carry over; befo
 
 from __future__ import annotations
 
-import math
 
 import torch
 
