@@ -203,6 +203,8 @@ def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
             raise ConfigError(f"optim.{key}", f"not a hyperparameter of {optim['name']}; expected {choices(sorted(accepted))}")
 
     own, takes_kwargs = _signature_keys(cls)
+    if optim.get("impl", "auto") != "auto" and "impl" not in own and not takes_kwargs:
+        raise ConfigError("optim.impl", f"{optim['name']} has one implementation; expected one of: auto")
     kwargs = {k: v for k, v in optim.items() if k in own or (takes_kwargs and k not in GROUP_KEYS)}
     kwargs["lr"] = float(lr)
     if "model" in own:
