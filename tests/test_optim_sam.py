@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llmtrain.errors import ConfigError
 from llmtrain.models import build_model
 from llmtrain.optim import build_optimizer
 from llmtrain.optim.adam import AdamW
@@ -91,3 +92,7 @@ def test_build_optimizer_passes_base_hyperparameters():
     assert isinstance(opt.base_optimizer, AdamW)
     assert all(g["betas"] == (0.8, 0.9) and g["rho"] == 0.05 for g in opt.param_groups)
     assert {g["weight_decay"] for g in opt.param_groups} == {0.0, 0.1}
+    fused = build_optimizer({"name": "sam", "lr": 1e-3, "base": "adamw", "impl": "foreach"}, model)
+    assert fused.base_optimizer.impl == "foreach"
+    with pytest.raises(ConfigError, match="optim.impl"):
+        build_optimizer({"name": "sam", "lr": 1e-3, "base": "sgd", "impl": "fused"}, model)

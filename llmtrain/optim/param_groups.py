@@ -66,13 +66,19 @@ def accepted_keys(optim: dict[str, Any]) -> set[str]:
 
     cls = lookup(optim.get("name"))
     own, takes_kwargs = _signature_keys(cls)
-    accepted = own | GROUP_KEYS
-    if takes_kwargs and "base" in own:
-        base = optim.get("base") or inspect.signature(cls.__init__).parameters["base"].default
-        if base not in OPTIMIZERS:
-            raise ConfigError("optim.base", f"got {base!r}, expected {choices(sorted(OPTIMIZERS))}")
-        accepted |= _signature_keys(OPTIMIZERS[base])[0]
-    return accepted - {"model"}
+    return (own | GROUP_KEYS | _base_keys(optim, cls, own, takes_kwargs)) - {"model"}
+
+
+def _base_keys(optim: dict[str, Any], cls: type, own: set[str], takes_kwargs: bool) -> set[str]:
+    """Constructor arguments of a wrapper's base optimizer (``optim.base``), forwarded as kwargs."""
+    from llmtrain.optim.registry import OPTIMIZERS
+
+    if not (takes_kwargs and "base" in own):
+        return set()
+    base = optim.get("base") or inspect.signature(cls.__init__).parameters["base"].default
+    if base not in OPTIMIZERS:
+        raise ConfigError("optim.base", f"got {base!r}, expected {choices(sorted(OPTIMIZERS))}")
+    return _signature_keys(OPTIMIZERS[base])[0] - {"model"}
 
 
 def lookup(name: Any) -> type[torch.optim.Optimizer]:
@@ -203,9 +209,10 @@ def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
             raise ConfigError(f"optim.{key}", f"not a hyperparameter of {optim['name']}; expected {choices(sorted(accepted))}")
 
     own, takes_kwargs = _signature_keys(cls)
-    if optim.get("impl", "auto") != "auto" and "impl" not in own and not takes_kwargs:
+    passed = own | _base_keys(optim, cls, own, takes_kwargs)  # SAM forwards its base's arguments
+    if optim.get("impl", "auto") != "auto" and "impl" not in passed:
         raise ConfigError("optim.impl", f"{optim['name']} has one implementation; expected one of: auto")
-    kwargs = {k: v for k, v in optim.items() if k in own or (takes_kwargs and k not in GROUP_KEYS)}
+    kwargs = {k: v for k, v in optim.items() if k in passed}
     kwargs["lr"] = float(lr)
     if "model" in own:
         kwargs["model"] = model
