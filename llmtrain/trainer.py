@@ -104,7 +104,8 @@ class Trainer:
             load_init_weights(model, cfg.model.init_from)
         self.params = sum(p.numel() for p in model.parameters())
         self.model = parallelize(model, env, compile=t.compile, param_dtype=self.dtype, options=cfg.distributed)
-        self.optimizer = shard_optimizer(build_optimizer(cfg, unwrap(self.model)), env, cfg.optim.get("name"))
+        self.optimizer = shard_optimizer(build_optimizer(cfg, unwrap(self.model)), env, cfg.optim.get("name"),
+                                         loss_scaling=self.dtype == torch.float16)
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
         refuse = getattr(self.optimizer, "refuse", None)

@@ -240,14 +240,20 @@ def refusal(optimizer: torch.optim.Optimizer, strategy: str, managed: bool) -> O
     return None
 
 
-def shard_optimizer(optimizer: torch.optim.Optimizer, env: Any, name: Optional[str] = None):
+def shard_optimizer(optimizer: torch.optim.Optimizer, env: Any, name: Optional[str] = None,
+                    loss_scaling: bool = False):
     """The optimizer the trainer should use for ``env.strategy`` (see the module docstring).
 
+    ``loss_scaling`` (fp16's GradScaler) is refused under sharding: each rank would check only its
+    own shard for overflow, and ranks that disagree skip different steps.
     Raises ConfigError with a one-line reason for a combination that cannot be computed exactly.
     """
     strategy = env.strategy
     if env.world_size <= 1 or strategy in ("none", "ddp"):
         return optimizer
+    if loss_scaling:
+        raise ConfigError("train.precision", f"fp16 loss scaling checks overflow per shard under {strategy}, so ranks could "
+                                             f"skip different steps; use train.precision=bf16 (or distributed.strategy=ddp)")
     if strategy == "zero1":
         managed = [True] * len(optimizer.param_groups)
     else:
