@@ -103,3 +103,10 @@ def test_triton_impl_refuses_what_the_kernel_lacks(monkeypatch):
         AdamW(p, impl="triton", amsgrad=True)
     with pytest.raises(ConfigError, match="optim=adamw"):
         Adam(p, impl="triton", weight_decay=0.1)
+
+
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+@pytest.mark.parametrize("cls", [Adam, AdamW])
+def test_fast_paths_equal_the_eager_update_rule(cls, impl):
+    kw = dict(lr=2e-2, betas=(0.8, 0.9), weight_decay=0.05, amsgrad=True)
+    assert max_trajectory_diff(lambda p: cls(p, impl=impl, **kw), lambda p: cls(p, impl="eager", **kw), steps=25) < 1e-6
