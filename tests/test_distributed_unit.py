@@ -20,6 +20,9 @@ from llmtrain.optim.sharded import assign_owners, shard_optimizer, whole_tensor_
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
+# Optimizers that draw random numbers from the global generator inside step() (PSGD-Kron's probe
+# vectors): owners draw them for their own parameters only, so the sequence differs from DDP's.
+STOCHASTIC = {"psgd_kron"}
 
 
 def test_owners_balance_bytes_and_are_deterministic():
@@ -98,9 +101,12 @@ def test_every_optimizer_runs_exactly_or_refuses(strategy, tmp_path):
         print(strategy, name, r)
         assert "error" not in r, (name, r)
         if "refused" in r:
-            assert "\n" not in r["refused"] and "distributed.strategy" in r["refused"], (name, r)
+            assert r["refused"].startswith("optim.name: ") and "\n" not in r["refused"], (name, r)
             continue
-        assert r["param_diff_vs_ddp"] <= 1e-6, (name, r)
+        if name in STOCHASTIC:  # the same distribution of random draws, a different order
+            assert r["param_diff_vs_ddp"] <= 0.1 * r["update"], (name, r)
+        else:
+            assert r["param_diff_vs_ddp"] <= 1e-6, (name, r)
         if r["loss_diff_ddp_vs_one"] < 1e-4:
             assert r["loss_diff_vs_one"] < 1e-4, (name, r)
     ran = [n for n, r in results.items() if "refused" not in r]
