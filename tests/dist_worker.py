@@ -76,7 +76,8 @@ def main(spec: dict) -> None:
 
     class Options:
         gpus_per_node = spec.get("gpus_per_node", 8)
-        grad_compression = "none"
+        grad_compression = spec.get("grad_compression", "none")
+        powersgd_rank = spec.get("powersgd_rank", 4)
 
     torch.manual_seed(0)
     mcfg = ModelConfig(family="llama", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, vocab_size=128,

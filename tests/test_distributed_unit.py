@@ -113,3 +113,27 @@ def test_every_optimizer_runs_exactly_or_refuses(strategy, tmp_path):
     for required in ("adamw", "muon", "shampoo", "soap", "galore_adamw", "adamw8bit", "lion", "adafactor"):
         if required in OPTIMIZERS:
             assert required in ran, (required, results[required])
+
+
+def run_worker(spec: dict, tmp_path: Path, nproc: int) -> list[float]:
+    out = tmp_path / f"{spec['strategy']}_{nproc}.json"
+    spec = {**spec, "out": str(out)}
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                f"--master_port={free_port()}"] if nproc > 1 else [sys.executable]
+    proc = subprocess.run([*launcher, str(WORKER), json.dumps(spec)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return json.loads(out.read_text())["losses"]
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_compile_and_activation_checkpointing_compose(strategy, tmp_path):
+    """torch.compile (per block under FSDP2, whole model under DDP) + selective activation
+    checkpointing on 2 ranks == plain eager training on one process."""
+    base = {"optim": "adamw", "steps": 3}
+    one = run_worker({**base, "strategy": "none"}, tmp_path, 1)
+    two = run_worker({**base, "strategy": strategy, "compile": True, "ac": "selective"}, tmp_path, 2)
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-4
