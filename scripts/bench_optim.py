@@ -41,6 +41,7 @@ from llmtrain.optim.protocol import state_bytes  # noqa: E402
 
 # (d_model, n_layers, ffn_hidden, vocab, n_heads, n_kv_heads): LLaMA-style shapes per size label
 MODEL_SHAPES = {
+    "1M": (128, 4, 352, 2048, 4, 4),  # smoke tests of this script
     "10M": (256, 8, 704, 8192, 4, 4),
     "25M": (384, 8, 1024, 16384, 6, 6),
     "125M": (768, 12, 2048, 32000, 12, 12),
