@@ -20,13 +20,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing as mp
 import os
+import queue
 import re
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -154,16 +157,32 @@ def _init_worker(tokenizer_json: str, eos_id: int, pool_worker: bool = True) -> 
 def _encode(batch: tuple[list[int], list[str]]) -> tuple[list[int], np.ndarray, np.ndarray]:
     """Token ids of a batch of documents, each followed by EOS, as one flat array plus lengths."""
     source_ids, texts = batch
-    encodings = _WORKER["tok"].encode_batch_fast(texts, add_special_tokens=False)
-    lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(encodings))
-    flat = np.empty(int(lengths.sum()), dtype=np.uint32)
-    pos = 0
-    for enc in encodings:
-        n = len(enc.ids)
-        flat[pos:pos + n] = enc.ids
-        flat[pos + n] = _WORKER["eos"]
-        pos += n + 1
-    return source_ids, flat, lengths
+    ids = [e.ids for e in _WORKER["tok"].encode_batch_fast(texts, add_special_tokens=False)]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    body = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum()))
+    flat = np.insert(body, np.cumsum(lengths), _WORKER["eos"])  # EOS after every document
+    return source_ids, flat, lengths + 1
+
+
+def _read_ahead(batches: Iterator, depth: int = 2) -> Iterator:
+    """Run the reader in a thread so file reading and JSON parsing overlap tokenization (which
+    releases the GIL); exceptions are handed over and re-raised here, in order."""
+    q: queue.Queue = queue.Queue(depth)
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                q.put(item)
+            q.put(done)
+        except BaseException as err:
+            q.put(err)
+
+    threading.Thread(target=produce, daemon=True, name="llmtrain-prepare-reader").start()
+    while (item := q.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 def _batches(specs: list[SourceSpec], utf8: BadUtf8) -> Iterator[tuple[list[int], list[str]]]:
@@ -265,7 +284,7 @@ def _build(cfg: DataConfig, specs: list[SourceSpec], external, key: str, folder:
             results = pool.imap(_encode, batches)
         else:
             _init_worker(tok.to_str(), eos_id, pool_worker=False)  # tokenizers uses its own threads
-            results = map(_encode, batches)
+            results = map(_encode, _read_ahead(batches))
         for source_ids, flat, lengths in results:
             ends = np.cumsum(lengths)
             for si, end, n in zip(source_ids, ends, lengths):
