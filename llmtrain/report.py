@@ -422,7 +422,7 @@ def _state_bytes_per_param(run: Run) -> Optional[float]:
 def comparison_rows(runs: Sequence[Run], best: Mapping[str, Run], target: Optional[float],
                     baseline: str = DEFAULT_BASELINE,
                     diverge_factor: float = DEFAULT_DIVERGE_FACTOR) -> list[Row]:
-    """The table: one row per optimizer that has a usable run, baseline first."""
+    """The table: one row per optimizer that has a usable run, baseline first, then best first."""
     rows = []
     for name, run in best.items():
         group = [r for r in runs if r.optimizer == name]
@@ -442,7 +442,9 @@ def comparison_rows(runs: Sequence[Run], best: Mapping[str, Run], target: Option
         if base is not None:
             row.speedup_tokens = _ratio(base.tokens_to_target, row.tokens_to_target)
             row.speedup_time = _ratio(base.time_to_target, row.time_to_target)
-    rows.sort(key=lambda r: (r.optimizer != baseline, r.optimizer))
+    # A leaderboard: the baseline first, then by final val loss (no val loss last).
+    rows.sort(key=lambda r: (r.optimizer != baseline,
+                             r.final_val_loss if r.final_val_loss is not None else math.inf, r.optimizer))
     return rows
 
 
@@ -775,7 +777,8 @@ def log_to_wandb(report: Report, mode: str, group: Optional[str] = None) -> None
     run = wandb.init(project=wcfg.get("project") or "llmtrain", entity=wcfg.get("entity"), group=group,
                      name=f"report-{group}", job_type="optimizer-report", mode=mode,
                      dir=str(report.sweep_dir), config={"target": report.target, "baseline": report.baseline,
-                                                        "select": report.select})
+                                                        "select": report.select},
+                     settings=wandb.Settings(silent=True))
     header = [h.format(b=report.baseline) for h in TABLE_HEADER]
     data: dict[str, Any] = {"comparison": wandb.Table(columns=header, data=[table_cells(r) for r in report.rows])}
     for name, path in report.plots.items():
@@ -792,6 +795,9 @@ def log_to_wandb(report: Report, mode: str, group: Optional[str] = None) -> None
         run.summary[f"{row.optimizer}/best_lr"] = row.run.lr
         run.summary[f"{row.optimizer}/speedup_tokens"] = row.speedup_tokens
     run.finish()
+    if mode == "offline":
+        print(f"wandb: offline run in {report.sweep_dir}/wandb; upload it with "
+              f"`wandb sync {report.sweep_dir}/wandb/offline-run-*`")
 
 
 # ----------------------------------------------------------------------------- CLI

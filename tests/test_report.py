@@ -303,6 +303,7 @@ class FakeWandb(types.ModuleType):
         super().__init__("wandb")
         self.inits, self.logged, self.finished = [], [], 0
         self.plot = types.SimpleNamespace(line_series=lambda **kw: ("line_series", kw))
+        self.Settings = lambda **kw: kw
         fake = self
 
         class _Run:
@@ -327,7 +328,7 @@ class FakeWandb(types.ModuleType):
         return ("image", path)
 
 
-def test_wandb_logging_uses_the_runs_mode_and_one_group_per_sweep(sweep, monkeypatch):
+def test_wandb_logging_uses_the_runs_mode_and_one_group_per_sweep(sweep, monkeypatch, capsys):
     for job in ("0", "2"):
         cfg = yaml.safe_load((sweep / job / "config.yaml").read_text())
         cfg["logger"]["wandb"]["mode"] = "offline"
@@ -338,6 +339,7 @@ def test_wandb_logging_uses_the_runs_mode_and_one_group_per_sweep(sweep, monkeyp
     assert main([str(sweep)]) == 0
     (init,) = fake.inits
     assert init["mode"] == "offline" and init["group"] == sweep.name and init["project"] == "bench-test"
+    assert "wandb sync" in capsys.readouterr().out
     (data,) = fake.logged
     assert data["comparison"][0] == "table" and [row[0] for row in data["comparison"][2]] == ["adamw", "lion"]
     assert sorted(k for k in data if k.startswith("plots/")) == [
