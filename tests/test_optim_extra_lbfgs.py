@@ -42,7 +42,7 @@ def test_parity_with_torch_lbfgs_over_20_steps(kw, ratio):
         a = ours.step(ours_closure(ours))
         b = ref.step(ref_closure(ref))
         losses.append(float(a.detach()))
-        assert float(a) == pytest.approx(float(b), rel=1e-6, abs=1e-7)
+        assert float(a.detach()) == pytest.approx(float(b.detach()), rel=1e-6, abs=1e-7)
     for p, q in zip(ours_p, ref_p):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
     assert losses[-1] < ratio * losses[0]

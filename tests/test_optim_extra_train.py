@@ -121,3 +121,17 @@ def test_every_issue11_name_has_a_training_case():
 
 ISSUE11_MODULES = {"adam_variants", "adan", "signsgd", "sm3", "came", "apollo", "lomo", "kfac", "psgd_kron",
                    "lbfgs", "nd_adam"}
+
+
+@pytest.mark.parametrize("name", sorted(TRAIN_CASES))
+def test_registry_entry_has_config_memory_figure_and_named_reference(name):
+    from pathlib import Path
+
+    import yaml
+
+    cls = OPTIMIZERS[name]
+    assert isinstance(cls.state_bytes_per_param, float) and cls.state_bytes_per_param >= 0
+    doc = cls.__doc__ or ""
+    assert "Paper:" in doc and "Reference" in doc, f"{name}: docstring must name the paper and the reference"
+    cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "optim" / f"{name}.yaml").read_text())
+    assert cfg["name"] == name and "lr" in cfg

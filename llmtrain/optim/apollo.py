@@ -185,8 +185,9 @@ class APOLLO(torch.optim.Optimizer):
 class APOLLOMini(APOLLO):
     """APOLLO-Mini: rank-1 projection with one scaling factor per tensor, scaled by sqrt(128).
 
-    Same paper and reference as ``APOLLO`` (the README's Mini settings: rank 1, scale_type
-    "tensor", scale 128). State per projected matrix is two length-m vectors and one length-n
+    Paper: Zhu et al., "APOLLO: SGD-like Memory, AdamW-level Performance" (MLSys 2025).
+    Reference: ``apollo-torch`` 1.0.3 ``APOLLOAdamW`` with its README's Mini settings (rank 1,
+    scale_type "tensor", scale 128); tested against. State per projected matrix is two length-m vectors and one length-n
     projection: about 12/n bytes per parameter.
     """
 

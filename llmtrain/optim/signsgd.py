@@ -81,7 +81,11 @@ class SignSGD(torch.optim.Optimizer):
 
 
 class Signum(SignSGD):
-    """Signum: signSGD on an EMA of gradients (``momentum=0.9`` by default). See ``SignSGD``."""
+    """Signum: signSGD on an EMA of gradients (``momentum=0.9`` by default).
+
+    Paper: Bernstein et al., "signSGD: Compressed Optimisation for Non-Convex Problems" (ICML 2018),
+    Algorithm 3. Reference: ``pytorch_optimizer.SignSGD`` with momentum (tested against). See ``SignSGD``.
+    """
 
     state_bytes_per_param: float = 4.0  # momentum buffer in fp32
 
