@@ -554,7 +554,8 @@ def _plot_all_runs(runs: Sequence[Run], best: Mapping[str, Run], colors, key: st
         is_best = best.get(run.optimizer) is run
         ax.plot(xs, ys, marker="o", markersize=3 if is_best else 2, linewidth=2.0 if is_best else 0.8,
                 alpha=1.0 if is_best else 0.45, linestyle="-" if is_best else "--",
-                color=colors[run.optimizer], label=f"{run.optimizer} lr={_fmt(run.lr, 'lr')}" + (" *" if is_best else ""))
+                color=colors[run.optimizer],
+                label=f"{run.optimizer} lr={_fmt(run.lr, 'lr')}" + (" *" if is_best else ""))
     ax.set_xlabel(xlabel)
     ax.set_ylabel("validation loss")
     ax.set_title(title)
@@ -644,7 +645,8 @@ def build_report(sweep_dir: str | os.PathLike, *, target: Optional[float] = None
     """Read the sweep, write report.md and the PNGs into ``out_dir`` (default the sweep dir)."""
     runs = load_runs(sweep_dir)
     if not runs:
-        raise UserError("SWEEP_DIR", f"no run directories (with config.yaml, metrics.jsonl or summary.json) under {sweep_dir}")
+        raise UserError("SWEEP_DIR",
+                        f"no run directories (with config.yaml, metrics.jsonl or summary.json) under {sweep_dir}")
     out = Path(out_dir) if out_dir is not None else Path(sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
     statuses = {run.name: classify_run(run, diverge_factor) for run in runs}
@@ -746,26 +748,19 @@ def render_markdown(report: Report, out_dir: Path) -> str:
 
 def _wandb_mode(runs: Sequence[Run], requested: Optional[str]) -> str:
     """W&B mode for the report: the flag, else what the runs were logged with; env disabled wins."""
-    if os.environ.get("WANDB_MODE", "").lower() == "disabled" or os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true"):
+    if os.environ.get("WANDB_MODE", "").lower() == "disabled" or \
+            os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true"):
         return "disabled"
     mode = requested
     if mode is None:
         modes = {str(r.config.get("logger", {}).get("wandb", {}).get("mode", "disabled")) for r in runs if r.config}
         enabled = sorted(modes - {"disabled"})
         mode = enabled[0] if enabled else "disabled"
-    if mode == "auto":
-        mode = "online" if _wandb_logged_in() else "offline"
+    if mode == "auto":  # the same rule the trainer's logger uses
+        from llmtrain.logging import wandb_logged_in
+
+        mode = "online" if wandb_logged_in() else "offline"
     return mode
-
-
-def _wandb_logged_in() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    try:
-        return "api.wandb.ai" in netrc.read_text()
-    except OSError:
-        return False
 
 
 def log_to_wandb(report: Report, mode: str, group: Optional[str] = None) -> None:
@@ -810,7 +805,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("sweep_dir", metavar="SWEEP_DIR", help="a Hydra multirun dir (or any dir of run dirs)")
     p.add_argument("--target", type=float, default=None,
                    help="val loss for tokens/time-to-target (default: the worst optimizer's best final val loss)")
-    p.add_argument("--baseline", default=DEFAULT_BASELINE, help="optimizer the speed-ups are relative to (default adamw)")
+    p.add_argument("--baseline", default=DEFAULT_BASELINE,
+                   help="optimizer the speed-ups are relative to (default adamw)")
     p.add_argument("--select", choices=("final", "best"), default="final",
                    help="pick each optimizer's best lr by final (default) or best val loss")
     p.add_argument("--diverge-factor", type=float, default=DEFAULT_DIVERGE_FACTOR,

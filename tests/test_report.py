@@ -131,7 +131,8 @@ def test_classify_run_reasons(tmp_path):
         # One skipped non-finite step followed by a finite eval: the trainer recovered, not diverged.
         "transient": write_run(tmp_path / "t", "adamw", 1e-3, [5.0, 4.0], train_losses=[5.0, float("inf")]),
         "blowup": write_run(tmp_path / "b", "adamw", 1e-2, [5.0, 9.0], train_losses=[5.0, 9.0]),
-        "flagged": write_run(tmp_path / "d", "adamw", 1e-3, [5.0, 4.0], status="diverged", reason="5 non-finite losses in a row"),
+        "flagged": write_run(tmp_path / "d", "adamw", 1e-3, [5.0, 4.0], status="diverged",
+                             reason="5 non-finite losses in a row"),
         "stopped": write_run(tmp_path / "s", "adamw", 1e-3, [5.0, 4.0], status="stopped", reason="SIGTERM"),
         "running": write_run(tmp_path / "u", "adamw", 1e-3, [5.0, 4.0], summary=False),
         "ok": write_run(tmp_path / "o", "adamw", 1e-3, [5.0, 4.0]),
@@ -355,6 +356,14 @@ def test_wandb_disabled_by_env_or_config(sweep, monkeypatch):
     assert report._wandb_mode(runs, "offline") == "offline"
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert report._wandb_mode(runs, "online") == "disabled"
+    # auto follows the trainer's rule: online when logged in, else offline.
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("NETRC", str(sweep / "no-netrc"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert report._wandb_mode(runs, "auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert report._wandb_mode(runs, "auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
     # And end to end: with W&B disabled the report never imports or calls wandb.
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
