@@ -65,7 +65,9 @@ class KFAC(torch.optim.Optimizer):
     after 20 * TCov steps; momentum is heavy-ball (buf = m * buf + d_p).
     Differences: Linear inputs of shape [batch, seq, in] count every token as a sample; layers
     with a side larger than ``max_factor_dim`` and Linear weights tied to an Embedding fall back to
-    SGD; stats are taken in fp32. Needs ``model`` (``build_optimizer`` passes it). Single process
+    SGD; stats are taken in fp32. Needs ``model`` (``build_optimizer`` passes it); its forward
+    hooks stay on the model, so build a fresh model rather than deep-copying a hooked one, and
+    with activation checkpointing the recomputed forward counts a second sample. Single process
     only. State per preconditioned [out, in] layer: (in+1)^2 + out^2 floats x 2 (factors and
     eigenvectors) plus the momentum (4 bytes/param).
     """
