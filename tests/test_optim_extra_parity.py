@@ -106,3 +106,10 @@ def test_state_dict_round_trip(name, kw):
             o.step()
     for a, b in zip(params, clone):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_adan_in_optimizer_clipping_is_refused_on_sharded_strategies():
+    opt = OPTIMIZERS["adan"](make_params(), max_grad_norm=1.0)
+    assert opt.refuse("ddp", 1) is None and opt.refuse("none", 2) is None
+    assert "max_grad_norm" in opt.refuse("fsdp", 1)
+    assert OPTIMIZERS["adan"](make_params()).refuse("fsdp", 1) is None

@@ -81,6 +81,14 @@ class Adan(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       max_grad_norm=max_grad_norm, no_prox=no_prox))
 
+    def refuse(self, strategy: str, grad_accum_steps: int) -> Optional[str]:
+        # The in-optimizer clip needs the global gradient norm; on shards or owner-rank subsets
+        # each rank would see only part of it.
+        if self.defaults["max_grad_norm"] > 0 and strategy in ("zero1", "zero2", "fsdp", "hsdp"):
+            return (f"adan's max_grad_norm clips by a norm no rank holds under {strategy}; "
+                    "set optim.max_grad_norm=0 and use train.grad_clip")
+        return None
+
     def _clip_coef(self) -> float | Tensor:
         max_norm = self.defaults["max_grad_norm"]
         if max_norm == 0:
