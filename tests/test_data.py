@@ -367,3 +367,16 @@ def test_shakespeare_default_builds(tmp_path):
     assert src["splits"]["train"]["tokens"] > 1_000_000
     x, _ = bundle.val_batches(1)[0]
     assert x.shape == (4, 64)
+
+
+def test_folder_with_mixed_file_types(tmp_path):
+    docs = make_docs(6, seed=17)
+    folder_in = tmp_path / "mixed" / "nested"
+    folder_in.mkdir(parents=True)
+    (folder_in / "a.txt").write_text(docs[0])
+    (tmp_path / "mixed" / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[1:4]))
+    (tmp_path / "mixed" / "c.json").write_text(json.dumps({"data": [{"text": d} for d in docs[4:]]}))
+    (tmp_path / "mixed" / "README.md").write_text("not a corpus file")
+    folder = prepare(cfg_for(tmp_path, [str(tmp_path / "mixed")]))
+    assert sorted(documents_in(folder)) == sorted(docs)
+    assert load_meta(folder)["sources"][0]["type"] == "mixed"
