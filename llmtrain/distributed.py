@@ -177,15 +177,47 @@ def parallelize(model: torch.nn.Module, env: DistEnv, compile: bool = False,
     return model
 
 
+class CommCounter:
+    """Bytes of gradient this rank handed to all-reduce since the last ``comm_bytes`` read."""
+
+    def __init__(self, powersgd_state=None):
+        self.powersgd_state = powersgd_state
+        self.bytes = 0
+
+
+def _counting_powersgd_hook(counter: CommCounter, bucket):
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
+
+    state, buffer = counter.powersgd_state, bucket.buffer()
+    if state.iter < state.start_powerSGD_iter:  # warm-up steps: a plain all-reduce of the bucket
+        counter.bytes += buffer.numel() * buffer.element_size()
+        return powersgd.powerSGD_hook(state, bucket)
+    before = state.total_numel_after_compression  # the hook adds P, Q and uncompressed sizes
+    fut = powersgd.powerSGD_hook(state, bucket)
+    counter.bytes += (state.total_numel_after_compression - before) * buffer.element_size()
+    return fut
+
+
 def register_powersgd(model: torch.nn.Module, rank: int) -> None:
-    """Low-rank gradient compression for DDP (Vogels et al. 2019; torch's powerSGD_hook)."""
+    """Low-rank gradient compression for DDP (Vogels et al. 2019; torch's powerSGD_hook) with
+    error feedback; ``comm_bytes(model)`` reports what each step all-reduced."""
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
 
     if rank <= 0:
         raise ConfigError("distributed.powersgd_rank", f"got {rank}, expected a positive integer")
     state = powersgd.PowerSGDState(process_group=None, matrix_approximation_rank=rank, start_powerSGD_iter=2,
                                    min_compression_rate=1.0, use_error_feedback=True, warm_start=True)
-    model.register_comm_hook(state, powersgd.powerSGD_hook)
+    model.comm_counter = CommCounter(state)
+    model.register_comm_hook(model.comm_counter, _counting_powersgd_hook)
+
+
+def comm_bytes(model: torch.nn.Module) -> Optional[int]:
+    """Gradient bytes all-reduced since the last call (None when the strategy does not count)."""
+    counter = getattr(getattr(model, "_orig_mod", model), "comm_counter", None)
+    if counter is None:
+        return None
+    sent, counter.bytes = counter.bytes, 0
+    return sent
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

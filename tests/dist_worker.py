@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from llmtrain import checkpoint
-from llmtrain.distributed import all_reduce_mean, barrier, grad_sync, init_distributed, parallelize, shutdown, unwrap
+from llmtrain.distributed import all_reduce_mean, barrier, comm_bytes, grad_sync, init_distributed, parallelize, shutdown, unwrap
 from llmtrain.models import build_model
 from llmtrain.models.config import ModelConfig
 from llmtrain.optim import OPTIMIZERS, build_optimizer
@@ -65,9 +65,15 @@ class ToyMuon(torch.optim.Optimizer):
 OPTIMIZERS.setdefault("toy_muon", ToyMuon)
 
 
-def batches(step: int, global_batch: int, seq_len: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+def batches(step: int, global_batch: int, seq_len: int, vocab: int,
+            learnable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random tokens, or (learnable) counting sequences start, start+1, ... mod vocab."""
     g = torch.Generator().manual_seed(1000 + step)
-    data = torch.randint(0, vocab, (global_batch, seq_len + 1), generator=g)
+    if learnable:
+        start = torch.randint(0, vocab, (global_batch, 1), generator=g)
+        data = (start + torch.arange(seq_len + 1)) % vocab
+    else:
+        data = torch.randint(0, vocab, (global_batch, seq_len + 1), generator=g)
     return data[:, :-1], data[:, 1:]
 
 
@@ -97,9 +103,9 @@ def main(spec: dict) -> None:
     gb, micro = spec.get("global_batch", 8), spec.get("micro_batch", 2)
     per_rank = gb // env.world_size
     accum = per_rank // micro
-    losses = []
+    losses, comm = [], []
     for step in range(start, spec["steps"]):
-        x, y = batches(step, gb, 32, 128)
+        x, y = batches(step, gb, 32, 128, spec.get("learnable", False))
         x, y = x[env.rank * per_rank:(env.rank + 1) * per_rank], y[env.rank * per_rank:(env.rank + 1) * per_rank]
         total = torch.zeros(())
         for i in range(accum):
@@ -114,6 +120,9 @@ def main(spec: dict) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(all_reduce_mean(total, env)))
+        sent = comm_bytes(model)
+        if sent is not None:
+            comm.append(sent)
         if spec.get("save_at") == step + 1:
             trainer_state = {"step": step + 1}
             if env.world_size > 1:
@@ -124,7 +133,8 @@ def main(spec: dict) -> None:
     if env.is_main:
         with open(spec["out"], "w") as f:
             json.dump({"losses": losses, "state_bytes": state_bytes(optimizer), "world_size": env.world_size,
-                       "strategy": env.strategy}, f)
+                       "strategy": env.strategy, "comm_bytes": comm,
+                       "grad_numel": sum(p.numel() for p in unwrap(model).parameters())}, f)
     shutdown(env)
 
 
