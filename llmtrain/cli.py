@@ -174,7 +174,7 @@ def run_job(cfg_node) -> Optional[dict]:
     return Trainer(cfg, run_dir, resolved_config=resolved).fit()
 
 
-def _record_failure(cfg_node, err: UserError) -> None:
+def _record_failure(cfg_node, reason: str) -> None:
     import json
 
     from hydra.core.hydra_config import HydraConfig
@@ -182,7 +182,7 @@ def _record_failure(cfg_node, err: UserError) -> None:
     run_dir = Path(cfg_node.get("run_dir") or HydraConfig.get().runtime.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     optim = cfg_node.get("optim") or {}
-    summary = {"status": "failed", "reason": str(err), "optimizer": optim.get("name"), "lr": optim.get("lr")}
+    summary = {"status": "failed", "reason": reason, "optimizer": optim.get("name"), "lr": optim.get("lr")}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
@@ -210,7 +210,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 _fail(err)
             # In a sweep one bad job is recorded and the sweep goes on (the report lists it).
             print(f"error: {err}", file=sys.stderr)
-            _record_failure(cfg_node, err)
+            _record_failure(cfg_node, str(err))
+            return None
+        except Exception as err:
+            if not multirun:
+                raise
+            import traceback
+
+            traceback.print_exc()  # not a user mistake: show it, record it, keep sweeping
+            _record_failure(cfg_node, f"{type(err).__name__}: {err}")
             return None
 
     sys.argv = [sys.argv[0], *normalize_overrides(argv)]

@@ -115,7 +115,7 @@ class RootConfig:
 # they shape parameter groups (llmtrain.optim.build_optimizer), not the update rule.
 OPTIM_GROUP_KEYS = {
     "name", "lr", "impl", "weight_decay", "no_decay_bias", "no_decay_norm", "no_decay_embedding",
-    "lr_multipliers", "adamw_lr", "adamw_betas", "adamw_eps", "adamw_weight_decay", "base",
+    "lr_multipliers", "lr_scale", "adamw_lr", "adamw_betas", "adamw_eps", "adamw_weight_decay", "base",
 }
 
 

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from llmtrain.cli import compose
+from llmtrain.errors import ConfigError
 
 from conftest import REPO
 
@@ -50,3 +51,22 @@ def test_tuned_lr_applies_only_to_its_model_and_optimizer():
     assert compose(["model=gpt2_124m"]).optim["lr"] == 3e-4         # adamw.yaml reference default
     assert compose(["optim=lion"]).optim["lr"] != 2e-3
     assert compose(["optim.lr=0.01"]).optim["lr"] == 0.01           # the command line wins
+
+
+def test_lr_scale_scales_every_group():
+    import torch
+
+    from llmtrain.models import build_model
+    from llmtrain.optim import build_optimizer
+
+    cfg = compose(["optim=muon", "optim.lr_scale=3", "model.n_layers=1", "model.d_model=32", "model.n_heads=2",
+                   "model.n_kv_heads=1", "data.vocab_size=64"])
+    model = build_model(cfg.model)
+    scaled = build_optimizer(cfg, model)
+    cfg.optim.pop("lr_scale")
+    plain = build_optimizer(cfg, model)
+    for a, b in zip(scaled.param_groups, plain.param_groups):
+        assert a["initial_lr"] == pytest.approx(3 * b["initial_lr"])
+    assert isinstance(scaled, torch.optim.Optimizer)
+    with pytest.raises(ConfigError, match="optim.lr_scale"):
+        build_optimizer({"name": "adamw", "lr": 1e-3, "lr_scale": -1}, model)

@@ -150,9 +150,19 @@ def _compile_multipliers(spec: Any) -> list[tuple[re.Pattern, float]]:
     return out
 
 
+def _lr_scale(optim: dict[str, Any]) -> float:
+    """``lr_scale`` multiplies every group's lr: one knob for per-optimizer lr grids in a sweep
+    (``llmtrain -m optim=adamw,lion optim.lr_scale=0.3,1,3`` tries each optimizer around its own lr)."""
+    scale = optim.get("lr_scale", 1.0)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
+        raise ConfigError("optim.lr_scale", f"got {scale!r}, expected a number > 0")
+    return float(scale)
+
+
 def param_groups(optim: dict[str, Any], model: nn.Module, cls: type) -> list[dict[str, Any]]:
     """The parameter groups ``build_optimizer`` hands to ``cls`` (see the module docstring)."""
-    lr = float(optim["lr"])
+    scale = _lr_scale(optim)
+    lr = float(optim["lr"]) * scale
     signature_defaults = {
         n: p.default for n, p in inspect.signature(cls.__init__).parameters.items() if p.default is not p.empty
     }
@@ -166,7 +176,8 @@ def param_groups(optim: dict[str, Any], model: nn.Module, cls: type) -> list[dic
     hybrid_flag = getattr(cls, "hybrid_flag", None)
     # The AdamW side defaults to the class's ``default_adamw_lr`` (Muon: 3e-4, its reference's value
     # for embeddings and head), else to the main lr (GaLore, SOAP, Shampoo use one lr for all).
-    adamw_lr = float(optim.get("adamw_lr", getattr(cls, "default_adamw_lr", lr)))
+    # lr_scale scales the AdamW side too.
+    adamw_lr = scale * float(optim.get("adamw_lr", getattr(cls, "default_adamw_lr", optim["lr"])))
     adamw_wd = float(optim.get("adamw_weight_decay", weight_decay))
 
     buckets: dict[tuple[bool, bool, float], list[nn.Parameter]] = {}
@@ -213,7 +224,7 @@ def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
     if optim.get("impl", "auto") != "auto" and "impl" not in passed:
         raise ConfigError("optim.impl", f"{optim['name']} has one implementation; expected one of: auto")
     kwargs = {k: v for k, v in optim.items() if k in passed}
-    kwargs["lr"] = float(lr)
+    kwargs["lr"] = float(lr) * _lr_scale(optim)
     if "model" in own:
         kwargs["model"] = model
     groups = param_groups(optim, model, cls)
