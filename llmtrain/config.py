@@ -197,6 +197,8 @@ def validate(cfg: RootConfig, dp_world_size: int = 1) -> None:
         raise ConfigError("resume", f"no such checkpoint: {cfg.resume} (expected auto, never or an existing path)")
 
     _validate_data(cfg.data)
+    if cfg.data.val_fraction == 0 and t.eval_every > 0:
+        raise ConfigError("data.val_fraction", "is 0, so there is no validation split; set it > 0 or train.eval_every=0")
     validate_optim(cfg.optim)
 
 

@@ -17,6 +17,10 @@ class UserError(Exception):
         self.message = message
         super().__init__(f"{key}: {message}" if key else message)
 
+    def __reduce__(self):
+        # Rebuildable after pickling, so an error raised in a worker process reaches the parent.
+        return (type(self), (self.key, self.message))
+
 
 class ConfigError(UserError):
     """A config key has a wrong type, a value outside its set, or is unknown."""

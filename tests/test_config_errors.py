@@ -74,3 +74,16 @@ def test_dry_run_writes_plan(tmp_path):
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["params"]["total"] == 6_738_415_616
     assert "6.74B" in result.stdout
+
+
+def test_no_validation_split_with_eval_is_an_error():
+    with pytest.raises(ConfigError, match="data.val_fraction"):
+        compose(["data.val_fraction=0"])
+    compose(["data.val_fraction=0", "train.eval_every=0"])
+
+
+def test_user_errors_survive_pickling():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(ConfigError("optim.lr", "bad")))
+    assert isinstance(err, ConfigError) and err.key == "optim.lr" and str(err) == "optim.lr: bad"
