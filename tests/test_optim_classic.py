@@ -26,7 +26,9 @@ CASES = [
 @pytest.mark.parametrize("ours,ref,kw", CASES, ids=lambda x: getattr(x, "__name__", None) or repr(x))
 def test_matches_torch(ours, ref, kw):
     ref_kw = dict(kw, foreach=False)
-    assert max_trajectory_diff(lambda p: ours(p, **kw), lambda p: ref(p, **ref_kw), steps=25) < 1e-6
+    # the eager rule against torch's for-loop; the fused paths against torch's fused kernels are in
+    # test_optim_fused_paths.py (maximize=True amplifies the kernels' rounding differences over 25 steps)
+    assert max_trajectory_diff(lambda p: ours(p, impl="eager", **kw), lambda p: ref(p, **ref_kw), steps=25) < 1e-6
     assert moved(lambda p: ours(p, **kw)) > 0.05
 
 

@@ -36,9 +36,10 @@ def test_round_trip_and_state_bytes():
     assert state_bytes(opt) == 4 * p.numel()
 
 
-def test_no_fused_impl():
+def test_unknown_impl():
+    # impl=fused is the compiled update since issue 10 (tests/test_optim_fused_paths.py)
     with pytest.raises(ConfigError, match="optim.impl"):
-        Lion([torch.nn.Parameter(torch.zeros(1))], impl="fused")
+        Lion([torch.nn.Parameter(torch.zeros(1))], impl="fastest")
 
 
 def test_triton_impl_under_the_interpreter_matches_lion_pytorch(monkeypatch):

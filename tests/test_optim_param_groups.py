@@ -106,9 +106,11 @@ def test_errors_name_the_key():
         build_optimizer({"name": "adamw", "lr": 1e-3, "lr_multipliers": {"(": 2.0}}, model)
     with pytest.raises(ConfigError, match=r"optim"):
         build_optimizer({"name": "adamw", "lr": 1e-3, "betas": [0.9, 1.5]}, model)
-    with pytest.raises(ConfigError, match=r"optim.impl: sgd has one implementation"):
+    with pytest.raises(ConfigError, match=r"optim.impl: shampoo has one implementation"):
+        build_optimizer({"name": "shampoo", "lr": 1e-3, "impl": "triton"}, model)
+    build_optimizer({"name": "shampoo", "lr": 1e-3, "impl": "auto"}, model)
+    with pytest.raises(ConfigError, match=r"optim.impl: got 'triton' for sgd"):
         build_optimizer({"name": "sgd", "lr": 1e-3, "impl": "triton"}, model)
-    build_optimizer({"name": "sgd", "lr": 1e-3, "impl": "auto"}, model)
 
 
 def test_model_argument_is_passed(monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import time
 from typing import Callable, Iterable
 
 import torch
@@ -69,3 +70,60 @@ def step_tensor(state: dict, param: torch.Tensor) -> torch.Tensor:
     elif step.device != param.device:
         step = state["step"] = step.to(param.device, torch.float32)
     return step
+
+
+def resolve_compiled_impl(impl: str, *, name: str, has_foreach: bool = False, has_triton: bool = False) -> str:
+    """``impl`` for an optimizer whose ``fused`` path is a compiled update (``llmtrain.optim.compiled``).
+
+    ``auto`` is kept: it is decided per parameter group at the first step, by size (``group_impl``).
+    """
+    from llmtrain.optim.compiled import compile_available
+
+    allowed = [i for i in IMPLS if (i != "foreach" or has_foreach) and (i != "triton" or has_triton)]
+    if impl not in allowed:
+        raise ConfigError("optim.impl", f"got {impl!r} for {name}, expected {choices(allowed)}")
+    if impl == "fused" and not compile_available():
+        raise ConfigError("optim.impl", f"fused {name} is a torch.compile'd update and needs a C++ compiler; use impl=auto")
+    if impl == "triton" and not triton_runnable():
+        raise ConfigError("optim.impl", "triton needs a CUDA GPU (or TRITON_INTERPRET=1 to run the kernel on CPU)")
+    return impl
+
+
+def group_impl(impl: str, params: list[torch.Tensor], fallback: str) -> str:
+    """The path one group takes: ``auto`` compiles big groups (the compile pays for itself), else ``fallback``."""
+    if impl != "auto":
+        return impl
+    from llmtrain.optim.compiled import auto_compiles
+
+    return "fused" if auto_compiles(sum(p.numel() for p in params)) else fallback
+
+
+class RefreshTimer:
+    """Wall time a matrix optimizer spends refreshing its preconditioners (Shampoo's roots, SOAP's
+    eigenbases, GaLore's projections), which happens every k steps: ``last_refresh_ms`` is the
+    cost of the latest step that refreshed, ``amortised_ms`` that cost spread over all steps.
+    Host time; on CUDA it counts launches unless the caller synchronises.
+    """
+
+    def __init__(self) -> None:
+        self.last_refresh_ms = 0.0
+        self.total_ms = 0.0
+        self.steps = 0
+        self._current = 0.0
+
+    def time(self, fn: Callable, *args, **kwargs):
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self._current += (time.perf_counter() - start) * 1e3
+        return out
+
+    def end_step(self) -> None:
+        if self._current > 0.0:
+            self.last_refresh_ms = self._current
+        self.total_ms += self._current
+        self.steps += 1
+        self._current = 0.0
+
+    @property
+    def amortised_ms(self) -> float:
+        return self.total_ms / max(self.steps, 1)

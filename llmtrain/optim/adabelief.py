@@ -9,11 +9,10 @@ agrees with its prediction. Same memory as AdamW.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from llmtrain.optim._common import check_betas, check_positive
+from llmtrain.optim._common import check_betas, check_positive, group_impl, resolve_compiled_impl
+from llmtrain.optim.compiled import compiled, flat, scalar
 
 
 def adabelief_update_(
@@ -21,16 +20,18 @@ def adabelief_update_(
     grad: torch.Tensor,
     exp_avg: torch.Tensor,
     exp_avg_var: torch.Tensor,
-    step: int,
+    step: int | torch.Tensor,
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
     weight_decouple: bool,
 ) -> None:
-    """m ← β1·m + (1-β1)·g;  s ← β2·s + (1-β2)·(g-m)² + ε;  θ ← θ - lr·m̂/(√ŝ + ε)."""
+    """m ← β1·m + (1-β1)·g;  s ← β2·s + (1-β2)·(g-m)² + ε;  θ ← θ - lr·m̂/(√ŝ + ε).
+
+    ``lr`` and ``step`` may be 0-dim tensors (the compiled path, ``llmtrain.optim.compiled``)."""
     if weight_decay != 0.0:
         if weight_decouple:
             param.mul_(1.0 - lr * weight_decay)
@@ -39,8 +40,8 @@ def adabelief_update_(
     exp_avg.lerp_(grad, 1.0 - beta1)
     residual = grad - exp_avg
     exp_avg_var.mul_(beta2).addcmul_(residual, residual, value=1.0 - beta2).add_(eps)
-    denom = (exp_avg_var.sqrt() / math.sqrt(1.0 - beta2**step)).add_(eps)
-    param.addcdiv_(exp_avg, denom, value=-lr / (1.0 - beta1**step))
+    denom = (exp_avg_var.sqrt() / (1.0 - beta2**step) ** 0.5).add_(eps)
+    param.sub_(exp_avg.div(denom).mul_(lr / (1.0 - beta1**step)))
 
 
 class AdaBelief(torch.optim.Optimizer):
@@ -56,11 +57,13 @@ class AdaBelief(torch.optim.Optimizer):
         eps: float = 1e-16,
         weight_decay: float = 0.0,
         weight_decouple: bool = True,
+        impl: str = "auto",
     ):
         check_positive("learning rate", lr)
         check_positive("epsilon value", eps)
         check_positive("weight_decay value", weight_decay)
         check_betas(betas)
+        self.impl = resolve_compiled_impl(impl, name="adabelief")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       weight_decouple=weight_decouple))
 
@@ -72,18 +75,22 @@ class AdaBelief(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            live = [p for p in group["params"] if p.grad is not None]
+            fused = bool(live) and group_impl(self.impl, live, "eager") == "fused"
+            hyper = dict(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                         weight_decouple=group["weight_decouple"])
+            if fused:
+                update, lr = compiled(adabelief_update_, **hyper), scalar(group["lr"], live[0].device)
+            for p in live:
                 state = self.state[p]
                 if "exp_avg" not in state:
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_var"] = torch.zeros_like(p)
                 state["step"] += 1
-                adabelief_update_(
-                    p, p.grad, state["exp_avg"], state["exp_avg_var"], state["step"], lr=float(group["lr"]),
-                    beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                    weight_decouple=group["weight_decouple"],
-                )
+                tensors = (p, p.grad, state["exp_avg"], state["exp_avg_var"])
+                if fused:
+                    update(*flat(*tensors), scalar(state["step"], p.device), lr=lr)
+                else:
+                    adabelief_update_(*tensors, state["step"], lr=float(group["lr"]), **hyper)
         return loss

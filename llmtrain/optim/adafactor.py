@@ -15,11 +15,12 @@ schedule, as in PaLM.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-from llmtrain.optim._common import check_positive
+from llmtrain.optim._common import check_positive, group_impl, resolve_compiled_impl
+from llmtrain.optim.compiled import compiled, scalar
 
 
 def _rms(t: torch.Tensor) -> torch.Tensor:
@@ -30,6 +31,47 @@ def factored_rsqrt(row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
     """1/√V̂ for the rank-1 estimate V̂ = R·Cᵀ / mean(R) of the second moment."""
     r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
     return r_factor * col.unsqueeze(-2).rsqrt()
+
+
+def adafactor_core_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg_sq_row: Optional[torch.Tensor],
+    exp_avg_sq_col: Optional[torch.Tensor],
+    exp_avg_sq: Optional[torch.Tensor],
+    exp_avg: Optional[torch.Tensor],
+    lr: float | torch.Tensor,
+    beta2t: float | torch.Tensor,
+    *,
+    eps: tuple[float, float],
+    clip_threshold: float,
+    beta1: Optional[float],
+    weight_decay: float,
+    scale_parameter: bool,
+) -> torch.Tensor:
+    """The tensor part of one step, given this step's ``lr`` (relative or not) and β2ₜ; returns RMS(θ).
+
+    Row/col statistics for a matrix (``exp_avg_sq`` None), the full one otherwise. ``lr`` and
+    ``beta2t`` may be 0-dim tensors (the compiled path, ``llmtrain.optim.compiled``).
+    """
+    rms = _rms(param)
+    step_size = rms.clamp(min=eps[1]) * lr if scale_parameter else lr  # max(ε2, RMS(θ))·lr
+    update = grad**2 + eps[0]
+    if exp_avg_sq is None:
+        exp_avg_sq_row.mul_(beta2t).add_(update.mean(dim=-1) * (1.0 - beta2t))
+        exp_avg_sq_col.mul_(beta2t).add_(update.mean(dim=-2) * (1.0 - beta2t))
+        update = factored_rsqrt(exp_avg_sq_row, exp_avg_sq_col).mul_(grad)
+    else:
+        exp_avg_sq.mul_(beta2t).add_(update * (1.0 - beta2t))
+        update = exp_avg_sq.rsqrt().mul_(grad)
+    update.div_((_rms(update) / clip_threshold).clamp_(min=1.0))
+    update.mul_(step_size)
+    if beta1 is not None:
+        update = exp_avg.mul_(beta1).add_(update, alpha=1.0 - beta1)
+    if weight_decay != 0.0:
+        param.sub_(param * (weight_decay * step_size))
+    param.sub_(update)
+    return rms
 
 
 def adafactor_update_(
@@ -46,33 +88,26 @@ def adafactor_update_(
     scale_parameter: bool,
     relative_step: bool,
     warmup_init: bool,
+    core: Callable = adafactor_core_,
 ) -> None:
-    """One Adafactor step; ``state`` holds step, RMS and the row/col (or full) second moments."""
+    """One Adafactor step; ``state`` holds step, RMS and the row/col (or full) second moments.
+
+    ``core`` is ``adafactor_core_`` or its compiled twin (``compiled(adafactor_core_, ...)``, which
+    takes the hyperparameters as static keywords and ``lr`` / β2ₜ as 0-dim tensors).
+    """
     state["step"] += 1
     step = state["step"]
-    state["RMS"] = _rms(param)
     step_size = lr
     if relative_step:
         step_size = min(1e-6 * step if warmup_init else 1e-2, 1.0 / math.sqrt(step))
-    if scale_parameter:
-        step_size = max(eps[1], state["RMS"]) * step_size
     beta2t = 1.0 - math.pow(step, decay_rate)  # increasing decay: 1 - t^-0.8
-    update = grad**2 + eps[0]
-    if "exp_avg_sq_row" in state:
-        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-        row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)
-        col.mul_(beta2t).add_(update.mean(dim=-2), alpha=1.0 - beta2t)
-        update = factored_rsqrt(row, col).mul_(grad)
+    tensors = (param, grad, state.get("exp_avg_sq_row"), state.get("exp_avg_sq_col"), state.get("exp_avg_sq"),
+               state.get("exp_avg"))
+    if core is adafactor_core_:
+        state["RMS"] = core(*tensors, step_size, beta2t, eps=eps, clip_threshold=clip_threshold, beta1=beta1,
+                            weight_decay=weight_decay, scale_parameter=scale_parameter)
     else:
-        state["exp_avg_sq"].mul_(beta2t).add_(update, alpha=1.0 - beta2t)
-        update = state["exp_avg_sq"].rsqrt().mul_(grad)
-    update.div_((_rms(update) / clip_threshold).clamp_(min=1.0))
-    update.mul_(step_size)
-    if beta1 is not None:
-        update = state["exp_avg"].mul_(beta1).add_(update, alpha=1.0 - beta1)
-    if weight_decay != 0.0:
-        param.add_(param, alpha=-weight_decay * step_size)
-    param.add_(-update)
+        state["RMS"] = core(*tensors, scalar(step_size, param.device), scalar(beta2t, param.device))
 
 
 class Adafactor(torch.optim.Optimizer):
@@ -92,6 +127,7 @@ class Adafactor(torch.optim.Optimizer):
         scale_parameter: bool = True,
         relative_step: bool = False,
         warmup_init: bool = False,
+        impl: str = "auto",
     ):
         check_positive("learning rate", lr)
         check_positive("clip_threshold", clip_threshold, allow_zero=False)
@@ -105,6 +141,7 @@ class Adafactor(torch.optim.Optimizer):
         defaults = dict(lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
                         weight_decay=weight_decay, scale_parameter=scale_parameter, relative_step=relative_step,
                         warmup_init=warmup_init)
+        self.impl = resolve_compiled_impl(impl, name="adafactor")
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -114,9 +151,13 @@ class Adafactor(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            live = [p for p in group["params"] if p.grad is not None]
+            core = adafactor_core_
+            if live and group_impl(self.impl, live, "eager") == "fused":  # tensors keep their shapes (row/col means)
+                core = compiled(adafactor_core_, eps=tuple(group["eps"]), clip_threshold=group["clip_threshold"],
+                                beta1=group["beta1"], weight_decay=group["weight_decay"],
+                                scale_parameter=group["scale_parameter"])
+            for p in live:
                 if p.grad.is_sparse:
                     raise RuntimeError("Adafactor does not support sparse gradients")
                 grad = p.grad.float()
@@ -135,7 +176,7 @@ class Adafactor(torch.optim.Optimizer):
                     master, grad, state, lr=float(group["lr"]), eps=group["eps"],
                     clip_threshold=group["clip_threshold"], decay_rate=group["decay_rate"], beta1=group["beta1"],
                     weight_decay=group["weight_decay"], scale_parameter=group["scale_parameter"],
-                    relative_step=group["relative_step"], warmup_init=group["warmup_init"],
+                    relative_step=group["relative_step"], warmup_init=group["warmup_init"], core=core,
                 )
                 if master is not p:
                     p.copy_(master)

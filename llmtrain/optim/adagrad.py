@@ -8,9 +8,13 @@ shrinks over a long run; mostly of historical and baseline interest for LLMs.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
-from llmtrain.optim._common import check_positive
+from llmtrain.optim._common import check_positive, resolve_impl, step_tensor
+
+_torch_adagrad = importlib.import_module("torch.optim.adagrad")
 
 
 def adagrad_update_(
@@ -49,12 +53,15 @@ class Adagrad(torch.optim.Optimizer):
         initial_accumulator_value: float = 0.0,
         eps: float = 1e-10,
         maximize: bool = False,
+        impl: str = "auto",
     ):
         for name, value in (("learning rate", lr), ("lr_decay", lr_decay), ("weight_decay value", weight_decay),
                             ("initial_accumulator_value", initial_accumulator_value), ("epsilon value", eps)):
             check_positive(name, value)
         defaults = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                         initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize)
+        # fused/foreach: torch's own kernels for this same rule (torch.optim.adagrad.adagrad)
+        self.impl = resolve_impl(impl, name="adagrad", has_fused=hasattr(torch, "_fused_adagrad_"), has_triton=False)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -64,16 +71,27 @@ class Adagrad(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            params, sums, steps = [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
                 if "sum" not in state:
-                    state["step"] = 0
                     state["sum"] = torch.full_like(p, group["initial_accumulator_value"])
-                state["step"] += 1
+                params.append(p)
+                sums.append(state["sum"])
+                steps.append(step_tensor(state, p))  # a float32 tensor, as torch's kernels want
+            if params and self.impl != "eager":  # torch increments the step counters itself
+                _torch_adagrad.adagrad(
+                    params, [p.grad for p in params], sums, steps, fused=self.impl == "fused",
+                    foreach=self.impl == "foreach", lr=float(group["lr"]), weight_decay=group["weight_decay"],
+                    lr_decay=group["lr_decay"], eps=group["eps"], maximize=group["maximize"],
+                )
+                continue
+            for p, state_sum, step in zip(params, sums, steps):
+                step.add_(1)
                 adagrad_update_(
-                    p, p.grad, state["sum"], state["step"], lr=float(group["lr"]), lr_decay=group["lr_decay"],
+                    p, p.grad, state_sum, int(step.item()), lr=float(group["lr"]), lr_decay=group["lr_decay"],
                     weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
                 )
         return loss

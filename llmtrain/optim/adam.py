@@ -216,3 +216,28 @@ def adamw_group_step(optimizer: torch.optim.Optimizer, group: dict, *, betas_key
             p, p.grad, state["exp_avg"], state["exp_avg_sq"], None, state["step"], lr=float(group["lr"]),
             beta1=beta1, beta2=beta2, eps=group[eps_key], weight_decay=group["weight_decay"], decoupled=True,
         )
+
+
+def adamw_group_step_multi(optimizer: torch.optim.Optimizer, group: dict, *, impl: str,
+                           betas_key: str = "adamw_betas", eps_key: str = "adamw_eps") -> None:
+    """``adamw_group_step`` on torch's multi-tensor kernels (``impl`` fused or foreach): the same
+    rule and the same state (an int ``step``, as the eager side keeps it), so impls can be switched."""
+    beta1, beta2 = group[betas_key]
+    params, exp_avgs, exp_avg_sqs, steps = [], [], [], []
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        state = optimizer.state[p]
+        if "exp_avg" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        params.append(p)
+        exp_avgs.append(state["exp_avg"])
+        exp_avg_sqs.append(state["exp_avg_sq"])
+        steps.append(torch.tensor(float(state["step"]), device=p.device))
+    if params:
+        adam_step(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, [], steps, impl=impl, amsgrad=False,
+                  lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group[eps_key],
+                  weight_decay=group["weight_decay"], decoupled=True, maximize=False)

@@ -16,13 +16,13 @@ matrices are blocked by row and vectors per tensor. Memory: m plus a few floats 
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import nn
 
-from llmtrain.optim._common import check_betas, check_positive
+from llmtrain.optim._common import check_betas, check_positive, group_impl, resolve_compiled_impl
+from llmtrain.optim.compiled import compiled, flat, scalar
 
 FULL = 0  # block_rows value meaning "per coordinate" (plain Adam)
 
@@ -41,25 +41,28 @@ def adam_mini_update_(
     grad: torch.Tensor,
     exp_avg: torch.Tensor,
     v: torch.Tensor,
-    step: int,
+    step: int | torch.Tensor,
     block_rows: int,
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
 ) -> None:
-    """m ← β1·m + (1-β1)·g;  v_b ← β2·v_b + (1-β2)·mean_b(g²);  θ ← θ(1-lr·λ) - lr·m̂/(√v̂_b + ε)."""
+    """m ← β1·m + (1-β1)·g;  v_b ← β2·v_b + (1-β2)·mean_b(g²);  θ ← θ(1-lr·λ) - lr·m̂/(√v̂_b + ε).
+
+    ``lr`` and ``step`` may be 0-dim tensors (the compiled path, ``llmtrain.optim.compiled``)."""
     param.mul_(1.0 - lr * weight_decay)
     exp_avg.lerp_(grad, 1.0 - beta1)
     v.mul_(beta2).add_(block_mean_sq(grad, block_rows), alpha=1.0 - beta2)
-    denom = (v.sqrt() / math.sqrt(1.0 - beta2**step)).add_(eps)
+    denom = (v.sqrt() / (1.0 - beta2**step) ** 0.5).add_(eps)
+    step_size = lr / (1.0 - beta1**step)
     if block_rows > 0 and param.ndim >= 2:
         shaped = exp_avg.reshape(denom.shape[0], -1)
-        param.add_((shaped / denom).reshape(param.shape), alpha=-lr / (1.0 - beta1**step))
+        param.sub_((shaped / denom).reshape(param.shape).mul_(step_size))
     else:
-        param.addcdiv_(exp_avg, denom, value=-lr / (1.0 - beta1**step))
+        param.sub_(exp_avg.div(denom).mul_(step_size))
 
 
 def block_layout(model: nn.Module) -> dict[int, int]:
@@ -114,11 +117,13 @@ class AdamMini(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.1,
         model: Optional[nn.Module] = None,
+        impl: str = "auto",
     ):
         check_positive("learning rate", lr)
         check_positive("epsilon value", eps)
         check_positive("weight_decay value", weight_decay)
         check_betas(betas)
+        self.impl = resolve_compiled_impl(impl, name="adam_mini")
         if model is not None:
             params = _split_by_block(params, block_layout(model))
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, block_rows=None))
@@ -135,9 +140,12 @@ class AdamMini(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            live = [p for p in group["params"] if p.grad is not None]
+            fused = bool(live) and group_impl(self.impl, live, "eager") == "fused"
+            hyper = dict(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+            if fused:
+                lr = scalar(group["lr"], live[0].device)
+            for p in live:
                 state = self.state[p]
                 if "exp_avg" not in state:
                     state["step"] = 0
@@ -146,8 +154,10 @@ class AdamMini(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p)
                     state["v"] = torch.zeros_like(block_mean_sq(p.grad, state["block_rows"]))
                 state["step"] += 1
-                adam_mini_update_(
-                    p, p.grad, state["exp_avg"], state["v"], state["step"], state["block_rows"], lr=float(group["lr"]),
-                    beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                )
+                tensors = (p, p.grad, state["exp_avg"], state["v"])
+                if fused:  # block_rows shapes the graph, so it is static; tensors keep their shapes
+                    compiled(adam_mini_update_, block_rows=state["block_rows"], **hyper)(
+                        *tensors, scalar(state["step"], p.device), lr=lr)
+                else:
+                    adam_mini_update_(*tensors, state["step"], state["block_rows"], lr=float(group["lr"]), **hyper)
         return loss

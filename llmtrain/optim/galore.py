@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from llmtrain.optim._common import check_betas, check_positive
+from llmtrain.optim._common import RefreshTimer, check_betas, check_positive
 from llmtrain.optim.adam import adamw_group_step
 
 
@@ -66,6 +66,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                         update_proj_gap=int(update_proj_gap), scale=scale, adamw_betas=tuple(adamw_betas),
                         adamw_eps=adamw_eps, use_galore=None)
         super().__init__(params, defaults)
+        self.precondition_timer = RefreshTimer()  # cost of the SVD projection refreshes, amortised (bench_optim_registry)
         for group in self.param_groups:
             if group["use_galore"] and any(p.ndim != 2 for p in group["params"]):
                 raise ValueError("Invalid use_galore group: only 2-D matrices; give other parameters to AdamW")
@@ -84,6 +85,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 adamw_group_step(self, dict(group, params=[p for p in group["params"] if p.ndim != 2]),
                                  betas_key="betas", eps_key="eps")
             self._galore_step(group)
+        self.precondition_timer.end_step()
         return loss
 
     def _galore_step(self, group: dict) -> None:
@@ -97,7 +99,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             if "step" not in state:
                 state["step"] = 0
             if state["step"] % group["update_proj_gap"] == 0:
-                state["basis"] = galore_basis(grad, group["rank"])
+                state["basis"] = self.precondition_timer.time(galore_basis, grad, group["rank"])
             low_rank = project_down(grad, state["basis"])
             if "exp_avg" not in state:
                 state["exp_avg"] = torch.zeros_like(low_rank)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from llmtrain.optim._common import check_betas, check_positive
+from llmtrain.optim._common import check_betas, check_positive, group_impl, resolve_compiled_impl
+from llmtrain.optim.compiled import compiled, flat, scalar
 
 
 def lamb_update_(
@@ -21,9 +22,9 @@ def lamb_update_(
     grad: torch.Tensor,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
-    step: int,
+    step: int | torch.Tensor,
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     beta1: float,
     beta2: float,
     eps: float,
@@ -31,7 +32,9 @@ def lamb_update_(
     bias_correction: bool,
     clamp_value: float,
 ) -> None:
-    """r = m̂/(√v̂ + ε) + λθ;  θ ← θ - lr·φ(‖θ‖)/‖r‖·r, φ(x) = min(x, clamp_value), ratio 1 if a norm is 0."""
+    """r = m̂/(√v̂ + ε) + λθ;  θ ← θ - lr·φ(‖θ‖)/‖r‖·r, φ(x) = min(x, clamp_value), ratio 1 if a norm is 0.
+
+    ``lr`` and ``step`` may be 0-dim tensors (the compiled path, ``llmtrain.optim.compiled``)."""
     exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
     m, v = exp_avg, exp_avg_sq
@@ -46,7 +49,7 @@ def lamb_update_(
     trust_ratio = torch.where(
         (weight_norm > 0) & (update_norm > 0), weight_norm / (update_norm + eps), torch.ones_like(weight_norm)
     )
-    param.add_(update * trust_ratio, alpha=-lr)
+    param.sub_(update.mul_(trust_ratio).mul_(lr))
 
 
 class Lamb(torch.optim.Optimizer):
@@ -63,12 +66,14 @@ class Lamb(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         bias_correction: bool = True,
         clamp_value: float = 10.0,
+        impl: str = "auto",
     ):
         check_positive("learning rate", lr)
         check_positive("epsilon value", eps)
         check_positive("weight_decay value", weight_decay)
         check_positive("clamp_value", clamp_value, allow_zero=False)
         check_betas(betas)
+        self.impl = resolve_compiled_impl(impl, name="lamb")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       bias_correction=bias_correction, clamp_value=clamp_value))
 
@@ -80,18 +85,22 @@ class Lamb(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            live = [p for p in group["params"] if p.grad is not None]
+            fused = bool(live) and group_impl(self.impl, live, "eager") == "fused"
+            hyper = dict(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                         bias_correction=group["bias_correction"], clamp_value=group["clamp_value"])
+            if fused:
+                update, lr = compiled(lamb_update_, **hyper), scalar(group["lr"], live[0].device)
+            for p in live:
                 state = self.state[p]
                 if "exp_avg" not in state:
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
-                lamb_update_(
-                    p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], lr=float(group["lr"]),
-                    beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                    bias_correction=group["bias_correction"], clamp_value=group["clamp_value"],
-                )
+                tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+                if fused:  # the norms are over the whole tensor, so a 1-D view changes nothing
+                    update(*flat(*tensors), scalar(state["step"], p.device), lr=lr)
+                else:
+                    lamb_update_(*tensors, state["step"], lr=float(group["lr"]), **hyper)
         return loss

@@ -13,7 +13,8 @@ from typing import Optional
 
 import torch
 
-from llmtrain.optim._common import check_positive
+from llmtrain.optim._common import check_positive, group_impl, resolve_compiled_impl
+from llmtrain.optim.compiled import compiled, flat, scalar
 
 
 def lars_update_(
@@ -21,7 +22,7 @@ def lars_update_(
     grad: torch.Tensor,
     momentum_buffer: Optional[torch.Tensor],
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     momentum: float,
     dampening: float,
     nesterov: bool,
@@ -29,7 +30,9 @@ def lars_update_(
     trust_coefficient: float,
 ) -> None:
     """d = (g + λθ)·η‖θ‖/(‖g‖ + λ‖θ‖) for matrices (d = g for vectors); b ← μb + (1-τ)d;
-    θ ← θ - lr·(d + μb if nesterov else b)."""
+    θ ← θ - lr·(d + μb if nesterov else b).
+
+    ``lr`` may be a 0-dim tensor (the compiled path, ``llmtrain.optim.compiled``)."""
     d = grad
     if param.ndim > 1:
         param_norm = torch.linalg.norm(param)
@@ -42,7 +45,7 @@ def lars_update_(
     if momentum_buffer is not None:
         momentum_buffer.mul_(momentum).add_(d, alpha=1.0 - dampening)
         d = d.add(momentum_buffer, alpha=momentum) if nesterov else momentum_buffer
-    param.add_(d, alpha=-lr)
+    param.sub_(d * lr)
 
 
 class LARS(torch.optim.Optimizer):
@@ -59,10 +62,12 @@ class LARS(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         trust_coefficient: float = 1e-3,
         nesterov: bool = False,
+        impl: str = "auto",
     ):
         for name, value in (("learning rate", lr), ("momentum value", momentum), ("dampening", dampening),
                             ("weight_decay value", weight_decay), ("trust_coefficient", trust_coefficient)):
             check_positive(name, value)
+        self.impl = resolve_compiled_impl(impl, name="lars")
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                                       trust_coefficient=trust_coefficient, nesterov=nesterov))
 
@@ -73,15 +78,18 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            live = [p for p in group["params"] if p.grad is not None]
+            fused = bool(live) and group_impl(self.impl, live, "eager") == "fused"
+            hyper = dict(momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"],
+                         weight_decay=group["weight_decay"], trust_coefficient=group["trust_coefficient"])
+            if fused:
+                update, lr = compiled(lars_update_, **hyper), scalar(group["lr"], live[0].device)
+            for p in live:
                 state = self.state[p]
                 if group["momentum"] > 0 and "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
-                lars_update_(
-                    p, p.grad, state.get("momentum_buffer"), lr=float(group["lr"]), momentum=group["momentum"],
-                    dampening=group["dampening"], nesterov=group["nesterov"], weight_decay=group["weight_decay"],
-                    trust_coefficient=group["trust_coefficient"],
-                )
+                if fused:  # not flattened: matrices and vectors follow different rules
+                    update(p, p.grad, state.get("momentum_buffer"), lr=lr)
+                else:
+                    lars_update_(p, p.grad, state.get("momentum_buffer"), lr=float(group["lr"]), **hyper)
         return loss

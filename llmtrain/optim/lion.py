@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from llmtrain.optim._common import check_betas, check_positive, load_kernel, resolve_impl
+from llmtrain.optim._common import check_betas, check_positive, group_impl, load_kernel, resolve_compiled_impl
+from llmtrain.optim.compiled import compiled, flat, scalar
+from llmtrain.optim.kernels import triton_usable
 
 
 def lion_update_(
@@ -19,17 +21,20 @@ def lion_update_(
     grad: torch.Tensor,
     exp_avg: torch.Tensor,
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     beta1: float,
     beta2: float,
     weight_decay: float,
     maximize: bool = False,
 ) -> None:
-    """θ ← θ(1 - lr·λ) - lr·sign(β1·m + (1-β1)·g);  m ← β2·m + (1-β2)·g."""
+    """θ ← θ(1 - lr·λ) - lr·sign(β1·m + (1-β1)·g);  m ← β2·m + (1-β2)·g.
+
+    ``lr`` may be a 0-dim tensor (the compiled path, ``llmtrain.optim.compiled``).
+    """
     if maximize:
         grad = -grad
     param.mul_(1.0 - lr * weight_decay)
-    param.add_(exp_avg.mul(beta1).add_(grad, alpha=1.0 - beta1).sign_(), alpha=-lr)
+    param.sub_(exp_avg.mul(beta1).add_(grad, alpha=1.0 - beta1).sign_().mul_(lr))
     exp_avg.mul_(beta2).add_(grad, alpha=1.0 - beta2)
 
 
@@ -48,6 +53,11 @@ def lion_step(
     if impl == "eager":
         for p, g, m in zip(params, grads, exp_avgs):
             lion_update_(p, g, m, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize)
+    elif impl == "fused":  # one inductor-fused loop per tensor (llmtrain.optim.compiled)
+        update = compiled(lion_update_, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize)
+        lr_t = scalar(lr, params[0].device)
+        for p, g, m in zip(params, grads, exp_avgs):
+            update(*flat(p, g, m), lr=lr_t)
     elif impl == "triton":
         load_kernel("lion", "fused_lion_")(
             params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize
@@ -82,7 +92,7 @@ class Lion(torch.optim.Optimizer):
         check_positive("learning rate", lr)
         check_positive("weight_decay value", weight_decay)
         check_betas(betas)
-        self.impl = resolve_impl(impl, name="lion", has_fused=False, has_triton=True)
+        self.impl = resolve_compiled_impl(impl, name="lion", has_foreach=True, has_triton=True)
         if self.impl == "triton":
             load_kernel("lion", "fused_lion_")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize))
@@ -106,6 +116,9 @@ class Lion(torch.optim.Optimizer):
                 exp_avgs.append(state["exp_avg"])
             if params:
                 beta1, beta2 = group["betas"]
-                lion_step(params, grads, exp_avgs, impl=self.impl, lr=float(group["lr"]), beta1=beta1, beta2=beta2,
+                impl = group_impl(self.impl, params, "foreach")
+                if impl == "fused" and self.impl == "auto" and triton_usable(params[0].device):
+                    impl = "triton"  # on CUDA auto takes the hand-written kernel
+                lion_step(params, grads, exp_avgs, impl=impl, lr=float(group["lr"]), beta1=beta1, beta2=beta2,
                           weight_decay=group["weight_decay"], maximize=group["maximize"])
         return loss

@@ -12,7 +12,8 @@ from typing import Optional
 
 import torch
 
-from llmtrain.optim._common import check_positive
+from llmtrain.optim._common import check_positive, group_impl, resolve_compiled_impl
+from llmtrain.optim.compiled import compiled, flat, scalar
 
 
 def rmsprop_update_(
@@ -22,7 +23,7 @@ def rmsprop_update_(
     grad_avg: Optional[torch.Tensor],
     momentum_buffer: Optional[torch.Tensor],
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     alpha: float,
     eps: float,
     weight_decay: float,
@@ -30,7 +31,9 @@ def rmsprop_update_(
     maximize: bool = False,
 ) -> None:
     """v ← αv + (1-α)g²;  denominator √(v - ḡ²) + ε if centered (ḡ the running mean of g), else √v + ε;
-    θ ← θ - lr·g/denominator, or through a momentum buffer b ← μb + g/denominator."""
+    θ ← θ - lr·g/denominator, or through a momentum buffer b ← μb + g/denominator.
+
+    ``lr`` may be a 0-dim tensor (the compiled path, ``llmtrain.optim.compiled``)."""
     if maximize:
         grad = -grad
     if weight_decay != 0.0:
@@ -43,9 +46,9 @@ def rmsprop_update_(
         avg = square_avg.sqrt().add_(eps)
     if momentum_buffer is not None:
         momentum_buffer.mul_(momentum).addcdiv_(grad, avg)
-        param.add_(momentum_buffer, alpha=-lr)
+        param.sub_(momentum_buffer * lr)
     else:
-        param.addcdiv_(grad, avg, value=-lr)
+        param.sub_(grad.div(avg).mul_(lr))
 
 
 class RMSprop(torch.optim.Optimizer):
@@ -63,12 +66,14 @@ class RMSprop(torch.optim.Optimizer):
         momentum: float = 0.0,
         centered: bool = False,
         maximize: bool = False,
+        impl: str = "auto",
     ):
         for name, value in (("learning rate", lr), ("alpha value", alpha), ("epsilon value", eps),
                             ("weight_decay value", weight_decay), ("momentum value", momentum)):
             check_positive(name, value)
         defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
                         centered=centered, maximize=maximize)
+        self.impl = resolve_compiled_impl(impl, name="rmsprop")
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -78,9 +83,13 @@ class RMSprop(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            live = [p for p in group["params"] if p.grad is not None]
+            fused = bool(live) and group_impl(self.impl, live, "eager") == "fused"
+            hyper = dict(alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
+                         momentum=group["momentum"], maximize=group["maximize"])
+            if fused:
+                update, lr = compiled(rmsprop_update_, **hyper), scalar(group["lr"], live[0].device)
+            for p in live:
                 state = self.state[p]
                 if "square_avg" not in state:
                     state["step"] = 0
@@ -90,9 +99,9 @@ class RMSprop(torch.optim.Optimizer):
                     if group["centered"]:
                         state["grad_avg"] = torch.zeros_like(p)
                 state["step"] += 1
-                rmsprop_update_(
-                    p, p.grad, state["square_avg"], state.get("grad_avg"), state.get("momentum_buffer"),
-                    lr=float(group["lr"]), alpha=group["alpha"], eps=group["eps"],
-                    weight_decay=group["weight_decay"], momentum=group["momentum"], maximize=group["maximize"],
-                )
+                tensors = (p, p.grad, state["square_avg"], state.get("grad_avg"), state.get("momentum_buffer"))
+                if fused:
+                    update(*flat(*tensors), lr=lr)
+                else:
+                    rmsprop_update_(*tensors, lr=float(group["lr"]), **hyper)
         return loss

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from llmtrain.optim._common import check_betas, check_positive
+from llmtrain.optim._common import check_betas, check_positive, group_impl, resolve_compiled_impl
+from llmtrain.optim.compiled import compiled, flat, scalar
 
 
 def schedulefree_adamw_update_(
@@ -25,24 +26,26 @@ def schedulefree_adamw_update_(
     z: torch.Tensor,
     exp_avg_sq: torch.Tensor,
     *,
-    lr: float,
-    ckp1: float,
+    lr: float | torch.Tensor,
+    ckp1: float | torch.Tensor,
     beta1: float,
     beta2: float,
-    bias_correction2: float,
+    bias_correction2: float | torch.Tensor,
     eps: float,
     weight_decay: float,
 ) -> None:
     """ĝ = g/(√(v/(1-β2ᵗ)) + ε) + λy;  x_{t+1} = (1-c)x_t + c·z_{t+1}, z_{t+1} = z_t - lr·ĝ,
-    written directly on y = (1-β1)z + β1x so x never needs its own buffer."""
+    written directly on y = (1-β1)z + β1x so x never needs its own buffer.
+
+    ``lr``, ``ckp1`` and ``bias_correction2`` may be 0-dim tensors (the compiled path)."""
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
     denom = exp_avg_sq.div(bias_correction2).sqrt_().add_(eps)
     normalized = grad.div(denom)
     if weight_decay != 0.0:
         normalized.add_(y, alpha=weight_decay)
-    y.lerp_(end=z, weight=ckp1)
-    y.add_(normalized, alpha=lr * (beta1 * (1.0 - ckp1) - 1.0))
-    z.sub_(normalized, alpha=lr)
+    y.lerp_(end=z, weight=ckp1.to(y.dtype) if isinstance(ckp1, torch.Tensor) else ckp1)
+    y.add_(normalized * (lr * (beta1 * (1.0 - ckp1) - 1.0)))
+    z.sub_(normalized * lr)
 
 
 class ScheduleFreeAdamW(torch.optim.Optimizer):
@@ -60,6 +63,7 @@ class ScheduleFreeAdamW(torch.optim.Optimizer):
         warmup_steps: int = 0,
         r: float = 0.0,
         weight_lr_power: float = 2.0,
+        impl: str = "auto",
     ):
         check_positive("learning rate", lr)
         check_positive("epsilon value", eps)
@@ -70,6 +74,7 @@ class ScheduleFreeAdamW(torch.optim.Optimizer):
             raise ValueError("Invalid betas: beta1 must be > 0 (x is recovered from y by dividing by beta1)")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps,
                         r=r, weight_lr_power=weight_lr_power, k=0, train_mode=True, weight_sum=0.0, lr_max=-1.0)
+        self.impl = resolve_compiled_impl(impl, name="schedulefree_adamw")
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -111,16 +116,22 @@ class ScheduleFreeAdamW(torch.optim.Optimizer):
             weight = ((k + 1) ** group["r"]) * (lr_max ** group["weight_lr_power"])
             group["weight_sum"] = group["weight_sum"] + weight
             ckp1 = weight / group["weight_sum"] if group["weight_sum"] else 0.0
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            live = [p for p in group["params"] if p.grad is not None]
+            scalars = dict(lr=lr, ckp1=ckp1, bias_correction2=1.0 - beta2 ** (k + 1))
+            hyper = dict(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+            fused = bool(live) and group_impl(self.impl, live, "eager") == "fused"
+            if fused:
+                update = compiled(schedulefree_adamw_update_, **hyper)
+                scalars = {key: scalar(value, live[0].device) for key, value in scalars.items()}
+            for p in live:
                 state = self.state[p]
                 if "z" not in state:
                     state["z"] = torch.clone(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                schedulefree_adamw_update_(
-                    p, p.grad, state["z"], state["exp_avg_sq"], lr=lr, ckp1=ckp1, beta1=beta1, beta2=beta2,
-                    bias_correction2=1.0 - beta2 ** (k + 1), eps=group["eps"], weight_decay=group["weight_decay"],
-                )
+                tensors = (p, p.grad, state["z"], state["exp_avg_sq"])
+                if fused:
+                    update(*flat(*tensors), **scalars)
+                else:
+                    schedulefree_adamw_update_(*tensors, **scalars, **hyper)
             group["k"] = k + 1
         return loss

@@ -8,11 +8,14 @@ transformers train poorly with it without careful tuning.
 
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
 
-from llmtrain.optim._common import check_positive
+from llmtrain.optim._common import check_positive, resolve_impl
+
+_torch_sgd = importlib.import_module("torch.optim.sgd")
 
 
 def sgd_update_(
@@ -58,6 +61,7 @@ class SGD(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         nesterov: bool = False,
         maximize: bool = False,
+        impl: str = "auto",
     ):
         check_positive("learning rate", lr)
         check_positive("momentum value", momentum)
@@ -66,6 +70,8 @@ class SGD(torch.optim.Optimizer):
             raise ValueError("Invalid nesterov: it requires momentum > 0 and dampening = 0")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize)
+        # fused/foreach: torch's own multi-tensor kernels for this same rule (torch.optim.sgd.sgd)
+        self.impl = resolve_impl(impl, name="sgd", has_fused=hasattr(torch, "_fused_sgd_"), has_triton=False)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -75,6 +81,9 @@ class SGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            if self.impl != "eager":
+                self._torch_step(group)
+                continue
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -87,3 +96,17 @@ class SGD(torch.optim.Optimizer):
                 if buf is not None:
                     state["momentum_buffer"] = buf
         return loss
+
+    def _torch_step(self, group: dict) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        buffers = [self.state[p].get("momentum_buffer") for p in params]
+        _torch_sgd.sgd(
+            params, [p.grad for p in params], buffers, foreach=self.impl == "foreach", fused=self.impl == "fused",
+            weight_decay=group["weight_decay"], momentum=group["momentum"], lr=float(group["lr"]),
+            dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
+        )
+        if group["momentum"] != 0.0:  # torch fills in the buffers it created on the first step
+            for p, buf in zip(params, buffers):
+                self.state[p]["momentum_buffer"] = buf

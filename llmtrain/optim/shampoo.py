@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from llmtrain.optim._common import check_betas, check_positive
+from llmtrain.optim._common import RefreshTimer, check_betas, check_positive
 from llmtrain.optim.adam import adamw_group_step
 
 
@@ -79,6 +79,7 @@ class Shampoo(torch.optim.Optimizer):
                         max_precond_dim=int(max_precond_dim), adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps,
                         use_shampoo=None)
         super().__init__(params, defaults)
+        self.precondition_timer = RefreshTimer()  # cost of the root recomputations, amortised (bench_optim_registry)
         for group in self.param_groups:
             if group["use_shampoo"] and any(p.ndim != 2 for p in group["params"]):
                 raise ValueError("Invalid use_shampoo group: only 2-D matrices; give other parameters to AdamW")
@@ -99,6 +100,7 @@ class Shampoo(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is not None and p.ndim == 2:
                     self._shampoo_update(p, group)
+        self.precondition_timer.end_step()
         return loss
 
     def _shampoo_update(self, p: torch.Tensor, group: dict) -> None:
@@ -123,7 +125,8 @@ class Shampoo(torch.optim.Optimizer):
         if len(right) > 0:
             right.mul_(beta2).add_(grad.T @ grad, alpha=1.0 - beta2)
         if (t - 1) % group["precondition_frequency"] == 0 or t == group["start_preconditioning_step"]:
-            state["roots"] = [inverse_root(s / bc2, 4, group["epsilon"]) if len(s) > 0 else [] for s in state["stats"]]
+            state["roots"] = self.precondition_timer.time(
+                lambda: [inverse_root(s / bc2, 4, group["epsilon"]) if len(s) > 0 else [] for s in state["stats"]])
 
         momentum = state["exp_avg"] / bc1
         adam = momentum / (state["exp_avg_sq"] / bc2).sqrt().add_(group["grafting_epsilon"])

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from llmtrain.optim._common import check_betas, check_positive
+from llmtrain.optim._common import RefreshTimer, check_betas, check_positive
 from llmtrain.optim.adam import adamw_group_step
 
 
@@ -104,6 +104,7 @@ class SOAP(torch.optim.Optimizer):
                         precondition_1d=precondition_1d, normalize_grads=normalize_grads, correct_bias=correct_bias,
                         adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps, use_soap=True)
         super().__init__(params, defaults)
+        self.precondition_timer = RefreshTimer()  # cost of the eigenbasis refreshes, amortised (bench_optim_registry)
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         state = self.state[p]
@@ -139,7 +140,7 @@ class SOAP(torch.optim.Optimizer):
                     # First step: statistics and basis from the first gradient, no update (reference).
                     state = self._init_state(p, group)
                     accumulate_statistics_(state["GG"], grad, shampoo_beta)
-                    state["Q"] = eigenbasis(state["GG"])
+                    state["Q"] = self.precondition_timer.time(eigenbasis, state["GG"])
                     continue
                 state["step"] += 1
                 t = state["step"]
@@ -159,5 +160,7 @@ class SOAP(torch.optim.Optimizer):
                     p.mul_(1.0 - float(group["lr"]) * group["weight_decay"])
                 accumulate_statistics_(state["GG"], grad, shampoo_beta)
                 if t % group["precondition_frequency"] == 0:
-                    state["Q"], state["exp_avg_sq"] = refresh_eigenbasis_qr(state["GG"], state["Q"], state["exp_avg_sq"])
+                    state["Q"], state["exp_avg_sq"] = self.precondition_timer.time(
+                        refresh_eigenbasis_qr, state["GG"], state["Q"], state["exp_avg_sq"])
+        self.precondition_timer.end_step()
         return loss

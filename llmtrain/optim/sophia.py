@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from llmtrain.optim._common import check_betas, check_positive
+from llmtrain.optim._common import check_betas, check_positive, group_impl, resolve_compiled_impl
+from llmtrain.optim.compiled import compiled, flat, scalar
 from llmtrain.optim.protocol import StepContext
 
 
@@ -28,20 +29,22 @@ def sophiag_update_(
     exp_avg: torch.Tensor,
     hessian: torch.Tensor,
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     beta1: float,
     rho: float,
-    bs: int,
+    bs: int | torch.Tensor,
     weight_decay: float,
     maximize: bool = False,
 ) -> None:
-    """m ← β1·m + (1-β1)·g;  θ ← θ(1 - lr·λ) - lr·sign(m)·min(|m|/(ρ·bs·h + 1e-15), 1)."""
+    """m ← β1·m + (1-β1)·g;  θ ← θ(1 - lr·λ) - lr·sign(m)·min(|m|/(ρ·bs·h + 1e-15), 1).
+
+    ``lr`` and ``bs`` may be 0-dim tensors (the compiled path, ``llmtrain.optim.compiled``)."""
     if maximize:
         grad = -grad
     exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
     param.mul_(1.0 - lr * weight_decay)
     ratio = (exp_avg.abs() / (rho * bs * hessian + 1e-15)).clamp(None, 1)
-    param.addcmul_(exp_avg.sign(), ratio, value=-lr)
+    param.sub_(exp_avg.sign().mul_(ratio).mul_(lr))
 
 
 class SophiaG(torch.optim.Optimizer):
@@ -60,6 +63,7 @@ class SophiaG(torch.optim.Optimizer):
         hess_interval: int = 10,
         bs: Optional[int] = None,
         maximize: bool = False,
+        impl: str = "auto",
     ):
         check_positive("learning rate", lr)
         check_positive("rho", rho)
@@ -71,6 +75,7 @@ class SophiaG(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, hess_interval=int(hess_interval),
                         bs=bs if bs is not None else 5120, maximize=maximize)
         self._measure_bs = bs is None
+        self.impl = resolve_compiled_impl(impl, name="sophia")
         super().__init__(params, defaults)
 
     def _state(self, p: torch.Tensor) -> dict:
@@ -97,15 +102,21 @@ class SophiaG(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            live = [p for p in group["params"] if p.grad is not None]
+            fused = bool(live) and group_impl(self.impl, live, "eager") == "fused"
+            hyper = dict(beta1=group["betas"][0], rho=group["rho"], weight_decay=group["weight_decay"],
+                         maximize=group["maximize"])
+            if fused:  # bs is data too: it is measured after the first Hessian refresh
+                update = compiled(sophiag_update_, **hyper)
+                lr, bs = scalar(group["lr"], live[0].device), scalar(group["bs"], live[0].device)
+            for p in live:
                 state = self._state(p)
                 state["step"] += 1
-                sophiag_update_(
-                    p, p.grad, state["exp_avg"], state["hessian"], lr=float(group["lr"]), beta1=group["betas"][0],
-                    rho=group["rho"], bs=group["bs"], weight_decay=group["weight_decay"], maximize=group["maximize"],
-                )
+                tensors = (p, p.grad, state["exp_avg"], state["hessian"])
+                if fused:
+                    update(*flat(*tensors), lr=lr, bs=bs)
+                else:
+                    sophiag_update_(*tensors, lr=float(group["lr"]), bs=group["bs"], **hyper)
         return loss
 
     def after_step(self, ctx: StepContext) -> None:
