@@ -167,3 +167,19 @@ def test_powersgd_cuts_gradient_traffic_and_still_learns(tmp_path):
     assert full / compressed > 5
     losses = result["losses"]
     assert losses[0] > 4.0 and losses[-1] < 0.5, losses
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("optim,strategy", [("adamw8bit", "fsdp"), ("shampoo", "hsdp"), ("schedulefree_adamw", "zero1")])
+def test_optimizer_state_reshards_two_one_two(optim, strategy, tmp_path):
+    """8-bit blocks, Shampoo preconditioners and Schedule-Free sequences survive DCP checkpoints
+    written by 2 ranks, resumed by 1 process (legacy files), resumed again by 2 ranks."""
+    base = {"optim": optim, "steps": 8}
+    one = run_worker({**base, "strategy": "none"}, tmp_path, 1)
+    a = run_worker({**base, "strategy": strategy, "steps": 4, "save_at": 4, "run_dir": str(tmp_path / "a")}, tmp_path, 2)
+    b = run_worker({**base, "strategy": "none", "steps": 6, "save_at": 6, "run_dir": str(tmp_path / "b"),
+                    "resume": str(tmp_path / "a" / "checkpoints" / "step_4")}, tmp_path, 1)
+    c = run_worker({**base, "strategy": strategy, "resume": str(tmp_path / "b" / "checkpoints" / "step_6")}, tmp_path, 2)
+    assert len(a + b + c) == len(one)
+    assert max(abs(x - y) for x, y in zip(one, a + b + c)) < 1e-4
