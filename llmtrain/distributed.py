@@ -56,10 +56,6 @@ class DistEnv:
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    @property
-    def shards_params(self) -> bool:
-        return self.strategy in SHARDED_PARAM_STRATEGIES
-
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
