@@ -228,6 +228,19 @@ class OwnerShardedOptimizer:
             local.copy_(mine)
 
 
+def fused_kernel_takes_dtensors(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether torch's fused kernel for this optimizer class (``aten._fused_<name>_``) has a
+    DTensor sharding rule; in torch 2.13 Adam's and AdamW's do, SGD's and Adagrad's do not."""
+    op = getattr(torch.ops.aten, f"_fused_{type(optimizer).__name__.lower()}_", None)
+    if op is None:
+        return True  # not a torch fused op: the optimizer's own path, checked by its tests
+    try:
+        from torch.distributed.tensor._ops._pointwise_ops import pointwise_ops
+    except ImportError:  # private module moved: assume no rule, foreach is always safe
+        return False
+    return any(getattr(op, name) in pointwise_ops for name in op.overloads())
+
+
 def refusal(optimizer: torch.optim.Optimizer, strategy: str, managed: bool) -> Optional[str]:
     """Why ``optimizer`` cannot run under owner-rank sharding, or None."""
     name = type(optimizer).__name__
@@ -258,6 +271,8 @@ def shard_optimizer(optimizer: torch.optim.Optimizer, env: Any, name: Optional[s
         managed = [True] * len(optimizer.param_groups)
     else:
         managed = whole_tensor_groups(optimizer, name)
+        if getattr(optimizer, "impl", None) == "fused" and not fused_kernel_takes_dtensors(optimizer):
+            optimizer.impl = "foreach"  # the same update as torch's multi-tensor kernels, which take DTensor shards
     if getattr(optimizer, "owns_backward", False) or any(managed):
         reason = refusal(optimizer, strategy, any(managed))
         if reason:
