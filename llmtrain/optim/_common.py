@@ -89,10 +89,17 @@ def resolve_compiled_impl(impl: str, *, name: str, has_foreach: bool = False, ha
     return impl
 
 
+def is_sharded(params: list[torch.Tensor]) -> bool:
+    """Whether the group holds DTensors (FSDP2 shards), which torch's fused kernels do not all support."""
+    return any(callable(getattr(p, "to_local", None)) for p in params)
+
+
 def group_impl(impl: str, params: list[torch.Tensor], fallback: str) -> str:
     """The path one group takes: ``auto`` compiles big groups (the compile pays for itself), else ``fallback``."""
     if impl != "auto":
         return impl
+    if is_sharded(params):  # FSDP's DTensors: stay on the eager ops every sharding rule covers
+        return fallback
     from llmtrain.optim.compiled import auto_compiles
 
     return "fused" if auto_compiles(sum(p.numel() for p in params)) else fallback

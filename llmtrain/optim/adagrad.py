@@ -12,7 +12,7 @@ import importlib
 
 import torch
 
-from llmtrain.optim._common import check_positive, resolve_impl, step_tensor
+from llmtrain.optim._common import check_positive, is_sharded, resolve_impl, step_tensor
 
 _torch_adagrad = importlib.import_module("torch.optim.adagrad")
 
@@ -81,10 +81,12 @@ class Adagrad(torch.optim.Optimizer):
                 params.append(p)
                 sums.append(state["sum"])
                 steps.append(step_tensor(state, p))  # a float32 tensor, as torch's kernels want
-            if params and self.impl != "eager":  # torch increments the step counters itself
+            # torch's fused Adagrad has no DTensor sharding rule: FSDP shards take foreach
+            impl = "foreach" if self.impl == "fused" and is_sharded(params) else self.impl
+            if params and impl != "eager":  # torch increments the step counters itself
                 _torch_adagrad.adagrad(
-                    params, [p.grad for p in params], sums, steps, fused=self.impl == "fused",
-                    foreach=self.impl == "foreach", lr=float(group["lr"]), weight_decay=group["weight_decay"],
+                    params, [p.grad for p in params], sums, steps, fused=impl == "fused",
+                    foreach=impl == "foreach", lr=float(group["lr"]), weight_decay=group["weight_decay"],
                     lr_decay=group["lr_decay"], eps=group["eps"], maximize=group["maximize"],
                 )
                 continue

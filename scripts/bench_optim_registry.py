@@ -1,0 +1,358 @@
+"""Every registry optimizer (``impl=auto``) against its reference package, one table, one run.
+
+Parameters are a LLaMA-shaped set (``bench_optim.llama_shapes``: embedding, q/k/v/o, SwiGLU
+w1/w2/w3, RMSNorm weights, untied head), fp32, with fixed random gradients, grouped as
+``build_optimizer`` groups them: weight decay on the hidden matrices and the head, none on the
+embedding and norms; matrix optimizers (Muon, Shampoo, SOAP, GaLore) get the hidden matrices and
+AdamW the rest. All optimizers step the same shared tensors (each keeps its own state), so the
+memory held is one model plus one optimizer at a time.
+
+A shared machine is noisy, so the cases are interleaved: each of ``--repeats`` rounds builds every
+optimizer afresh, runs ``--warmup`` steps, then times ``--steps`` steps; a row reports the median
+over rounds of each round's median. The first step of the first round (state allocation, and the
+one-off ``torch.compile`` of a compiled update) is reported separately. Shampoo/SOAP/GaLore
+recompute preconditioners every k steps: the timed steps exclude that refresh; its cost (measured
+on the warmup step, which refreshes) is reported and amortised over k.
+
+    python scripts/bench_optim_registry.py --threads 2                  # CPU, 25M
+    python scripts/bench_optim_registry.py --only adamw,lion,muon --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_optim import MODEL_SHAPES, llama_shapes, time_ms  # noqa: E402
+
+Groups = list[dict]
+
+
+class Unavailable(Exception):
+    """A case that cannot run here (the reason goes in the table)."""
+
+
+# --- parameter set -----------------------------------------------------------------------------
+
+@dataclass
+class ParamSet:
+    named: list[tuple[str, torch.nn.Parameter]]
+    hidden: list[torch.nn.Parameter] = field(default_factory=list)     # 2-D attention/MLP matrices
+    head: list[torch.nn.Parameter] = field(default_factory=list)
+    embedding: list[torch.nn.Parameter] = field(default_factory=list)
+    norms: list[torch.nn.Parameter] = field(default_factory=list)
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for _, p in self.named]
+
+    def decay_groups(self, weight_decay: float) -> Groups:
+        return [dict(params=self.hidden + self.head, weight_decay=weight_decay),
+                dict(params=self.embedding + self.norms, weight_decay=0.0)]
+
+    def hybrid_groups(self, flag: str, **matrix_keys) -> Groups:
+        return [dict(params=self.hidden, **{flag: True}, **matrix_keys),
+                dict(params=self.embedding + self.head + self.norms, **{flag: False})]
+
+
+def llama_params(label: str, device: torch.device) -> ParamSet:
+    """HF-style names (what the adam-mini package reads to find its blocks)."""
+    d, n_layers, *_ = MODEL_SHAPES[label]
+    gen = torch.Generator().manual_seed(0)
+    shapes = llama_shapes(label)
+    per_layer = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                 "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"]
+    names = (["model.embed_tokens"] + [f"model.layers.{i}.{n}" for i in range(n_layers) for n in per_layer]
+             + ["model.norm", "lm_head"])
+    out = ParamSet(named=[])
+    for name, shape in zip(names, shapes):
+        p = torch.nn.Parameter((torch.randn(shape, generator=gen) * 0.02).to(device))
+        p.grad = (torch.randn(shape, generator=gen) * 1e-3).to(device)
+        out.named.append((name + ".weight", p))
+        kind = ("embedding" if name == "model.embed_tokens" else "head" if name == "lm_head"
+                else "norms" if p.ndim == 1 else "hidden")
+        getattr(out, kind).append(p)
+    return out
+
+
+# --- cases -------------------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    name: str                                     # registry name
+    ours: Callable[[ParamSet], torch.optim.Optimizer]
+    ref_label: str = "—"
+    ref: Optional[Callable[[ParamSet], object]] = None
+    ref_fused: bool = False                       # the reference is itself a fused kernel
+    kind: str = "elementwise"                     # elementwise | matrix | other (for the targets)
+    refresh_every: int = 0                        # preconditioner refresh period (matrix optimizers)
+
+
+def registry(name: str, groups: Callable[[ParamSet], Groups], **kw):
+    def make(ps: ParamSet):
+        from llmtrain.optim import OPTIMIZERS
+
+        return OPTIMIZERS[name](groups(ps), **kw)
+    return make
+
+
+def package(module: str, attr: str, groups: Callable[[ParamSet], Groups], **kw):
+    def make(ps: ParamSet):
+        try:
+            mod = __import__(module, fromlist=[attr])
+        except Exception as err:  # bitsandbytes raises more than ImportError without its native library
+            raise Unavailable(f"{module} unavailable ({type(err).__name__})") from None
+        opt = getattr(mod, attr)(groups(ps), **kw)
+        if hasattr(opt, "train"):  # schedulefree: step() only in train mode
+            opt.train()
+        return opt
+    return make
+
+
+def bnb_adamw8bit(ps: ParamSet):
+    from llmtrain.optim.adamw8bit import bnb_runs_on
+
+    if not bnb_runs_on(ps.params[0].device.type):
+        raise Unavailable("bitsandbytes 8-bit does not run on this device")
+    return package("bitsandbytes.optim", "AdamW8bit", lambda s: s.decay_groups(0.1), lr=1e-4)(ps)
+
+
+def adam_mini_package(ps: ParamSet):
+    d, _, _, _, n_heads, n_kv = MODEL_SHAPES[BENCH_SIZE]
+    import adam_mini
+
+    return adam_mini.Adam_mini(ps.named, lr=1e-4, weight_decay=0.1, dim=d, n_heads=n_heads, n_kv_heads=n_kv,
+                               verbose=False)
+
+
+def galore_package(ps: ParamSet):
+    import galore_torch
+
+    groups = [dict(params=ps.hidden, rank=128, update_proj_gap=200, scale=0.25, proj_type="std"),
+              dict(params=ps.embedding + ps.head + ps.norms)]
+    return galore_torch.GaLoreAdamW(groups, lr=1e-4, no_deprecation_warning=True)
+
+
+class Hybrid:
+    """A matrix-only reference package on the hidden matrices plus torch's AdamW on the rest,
+    the split llmtrain's hybrid groups make (the package has no such split of its own)."""
+
+    def __init__(self, matrix_opt, rest_opt):
+        self.matrix_opt, self.rest_opt = matrix_opt, rest_opt
+
+    def step(self):
+        self.matrix_opt.step()
+        self.rest_opt.step()
+
+
+def soap_package(ps: ParamSet):
+    import pytorch_optimizer
+
+    return Hybrid(pytorch_optimizer.SOAP(ps.hidden, lr=1e-4),
+                  torch.optim.AdamW(ps.embedding + ps.head + ps.norms, lr=1e-4, fused=True))
+
+
+BENCH_SIZE = "25M"
+decay = lambda wd: (lambda ps: ps.decay_groups(wd))  # noqa: E731
+TORCH = "torch.optim"
+
+CASES: list[Case] = [
+    Case("adamw", registry("adamw", decay(0.1), lr=1e-4), f"{TORCH}.AdamW fused",
+         package("torch.optim", "AdamW", decay(0.1), lr=1e-4, fused=True), ref_fused=True),
+    Case("adam", registry("adam", decay(0.0), lr=1e-4), f"{TORCH}.Adam fused",
+         package("torch.optim", "Adam", decay(0.0), lr=1e-4, fused=True), ref_fused=True),
+    Case("sgd", registry("sgd", decay(0.01), lr=1e-3, momentum=0.9), f"{TORCH}.SGD fused",
+         package("torch.optim", "SGD", decay(0.01), lr=1e-3, momentum=0.9, fused=True), ref_fused=True),
+    Case("adagrad", registry("adagrad", decay(0.0), lr=1e-3), f"{TORCH}.Adagrad fused",
+         package("torch.optim", "Adagrad", decay(0.0), lr=1e-3, fused=True), ref_fused=True),
+    Case("rmsprop", registry("rmsprop", decay(0.0), lr=1e-4), f"{TORCH}.RMSprop (default)",
+         package("torch.optim", "RMSprop", decay(0.0), lr=1e-4)),
+    Case("lion", registry("lion", decay(0.1), lr=1e-5), "lion-pytorch Lion",
+         package("lion_pytorch", "Lion", decay(0.1), lr=1e-5)),
+    Case("adabelief", registry("adabelief", decay(0.1), lr=1e-4), "pytorch_optimizer.AdaBelief",
+         package("pytorch_optimizer", "AdaBelief", decay(0.1), lr=1e-4)),
+    Case("lamb", registry("lamb", decay(0.1), lr=1e-4), "pytorch_optimizer.Lamb",
+         package("pytorch_optimizer", "Lamb", decay(0.1), lr=1e-4)),
+    Case("lars", registry("lars", decay(0.01), lr=1e-3), "pytorch_optimizer.LARS",
+         package("pytorch_optimizer", "LARS", decay(0.01), lr=1e-3)),
+    Case("adafactor", registry("adafactor", decay(0.0), lr=1e-3), "transformers Adafactor",
+         package("transformers.optimization", "Adafactor", decay(0.0), lr=1e-3, relative_step=False)),
+    Case("sophia", registry("sophia", decay(0.1), lr=1e-4), "sophia-opt SophiaG",
+         package("sophia_opt", "SophiaG", decay(0.1), lr=1e-4)),
+    Case("schedulefree_adamw", registry("schedulefree_adamw", decay(0.1), lr=1e-4), "schedulefree AdamWScheduleFree",
+         package("schedulefree", "AdamWScheduleFree", decay(0.1), lr=1e-4)),
+    Case("adam_mini", registry("adam_mini", decay(0.1), lr=1e-4), "adam-mini Adam_mini", adam_mini_package),
+    Case("adamw8bit", registry("adamw8bit", decay(0.1), lr=1e-4), "bitsandbytes AdamW8bit", bnb_adamw8bit,
+         kind="other"),
+    Case("muon", registry("muon", lambda ps: ps.hybrid_groups("use_muon"), lr=0.02),
+         "reference Muon loop (KellerJordan; = impl=eager)",
+         registry("muon", lambda ps: ps.hybrid_groups("use_muon"), lr=0.02, impl="eager"), kind="matrix"),
+    Case("shampoo", registry("shampoo", lambda ps: ps.hybrid_groups("use_shampoo"), lr=1e-4), kind="matrix",
+         refresh_every=10),
+    Case("soap", registry("soap", lambda ps: ps.hybrid_groups("use_soap"), lr=1e-4), "pytorch_optimizer.SOAP + torch AdamW",
+         soap_package, kind="matrix",
+         refresh_every=10),
+    Case("galore_adamw", registry("galore_adamw", lambda ps: ps.hybrid_groups("use_galore"), lr=1e-4),
+         "galore-torch GaLoreAdamW", galore_package, kind="matrix", refresh_every=200),
+]
+
+
+# --- timing ------------------------------------------------------------------------------------
+
+def _impl_label(opt) -> str:
+    impl = getattr(opt, "impl", None)
+    if impl is None:
+        return "one impl"
+    if impl != "auto":
+        return impl
+    from llmtrain.optim._common import group_impl
+
+    return "/".join(sorted({group_impl("auto", g["params"], "eager") for g in opt.param_groups}))
+
+
+def run_round(ps: ParamSet, case: Case, which: str, warmup: int, steps: int, first: dict) -> Optional[float]:
+    make = case.ours if which == "ours" else case.ref
+    device = ps.params[0].device
+    try:
+        opt = make(ps)
+    except Unavailable as why:
+        first[(case.name, which)] = str(why)
+        return None
+    start = time.perf_counter()
+    opt.step()
+    if (case.name, which) not in first:
+        first[(case.name, which)] = time.perf_counter() - start
+        if which == "ours":
+            first[(case.name, "path")] = _impl_label(opt)
+            timer = getattr(opt, "precondition_timer", None)
+            if timer is not None:
+                first[(case.name, "refresh_ms")] = timer.last_refresh_ms
+    ms = time_ms(opt.step, device, max(warmup - 1, 0), steps)
+    if which == "ours" and case.name == "muon":
+        first.setdefault("muon_split", []).append(dict(opt.last_step_ms))
+    del opt
+    gc.collect()
+    return ms
+
+
+def bench(cases: list[Case], ps: ParamSet, repeats: int, warmup: int, steps: int) -> tuple[dict, dict]:
+    times: dict[tuple[str, str], list[float]] = {}
+    first: dict = {}
+    for r in range(repeats):
+        for case in cases:
+            for which in ("ours", "ref"):
+                if which == "ref" and case.ref is None:
+                    continue
+                # a round is at most one step shorter than a refresh period, so no refresh is timed
+                n = min(steps, case.refresh_every - 2) if case.refresh_every else steps
+                ms = run_round(ps, case, which, warmup, n, first)
+                if ms is not None:
+                    times.setdefault((case.name, which), []).append(ms)
+                print(f"round {r + 1}/{repeats}: {case.name} {which} {ms}", file=sys.stderr, flush=True)
+    return {k: statistics.median(v) for k, v in times.items()}, first
+
+
+def fmt(v: Optional[float], spec: str = ".1f") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def table(cases: list[Case], ms: dict, first: dict, baseline: float) -> str:
+    lines = ["| optimizer | llmtrain auto path | ms/step | first step s | reference | ref ms/step | speed-up "
+             "| × torch fused AdamW | note |", "|---|---|---:|---:|---|---:|---:|---:|---|"]
+    for c in cases:
+        ours, ref = ms.get((c.name, "ours")), ms.get((c.name, "ref"))
+        note = []
+        if isinstance(first.get((c.name, "ref")), str):
+            note.append(first[(c.name, "ref")])
+        refresh = first.get((c.name, "refresh_ms"))
+        if refresh is not None and c.refresh_every:
+            note.append(f"refresh {refresh:.0f} ms every {c.refresh_every} steps = +{refresh / c.refresh_every:.1f} ms/step "
+                        f"amortised")
+        if c.name == "muon" and first.get("muon_split"):
+            split = first["muon_split"][-1]
+            note.append(f"Muon side {split['muon']:.1f} ms, AdamW side {split['adamw']:.1f} ms")
+        if c.ref_fused:
+            note.append("reference already fused")
+        first_s = first.get((c.name, "ours"))
+        lines.append(
+            f"| {c.name} | {first.get((c.name, 'path'), '—')} | {fmt(ours)} | "
+            f"{fmt(first_s if isinstance(first_s, float) else None, '.2f')} | {c.ref_label} | {fmt(ref)} | "
+            f"{fmt(ref / ours if ours and ref else None, '.2f')}{'×' if ours and ref else ''} | "
+            f"{fmt(ours / baseline if ours else None, '.2f')} | {'; '.join(note)} |")
+    return "\n".join(lines) + "\n"
+
+
+def targets(cases: list[Case], ms: dict, baseline: float) -> str:
+    out = []
+    for c in cases:
+        ours, ref = ms.get((c.name, "ours")), ms.get((c.name, "ref"))
+        if ours is None:
+            continue
+        if c.kind == "elementwise":
+            within = ours <= 1.5 * baseline
+            fast = "n/a (reference fused)" if c.ref_fused or ref is None else ("met" if ref >= 2 * ours else "NOT met")
+            out.append(f"- {c.name}: ≤1.5× fused AdamW {'met' if within else 'NOT met'} ({ours / baseline:.2f}×); "
+                       f"≥2× its reference: {fast}" + (f" ({ref / ours:.2f}×)" if ref else ""))
+        elif c.name == "muon":
+            out.append(f"- muon: ≤3× AdamW {'met' if ours <= 3 * baseline else 'NOT met'} ({ours / baseline:.2f}×)")
+    return "\n".join(out) + "\n"
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"CUDA {torch.cuda.get_device_name(device)}"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else platform.machine()
+    return (f"CPU {cpu}, {os.cpu_count()} cores, torch.set_num_threads({torch.get_num_threads()}), "
+            f"torch {torch.__version__}, load average at start {load:.1f}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    global BENCH_SIZE
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", default="25M", choices=sorted(MODEL_SHAPES))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--only", default="", help="comma-separated registry names")
+    parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    BENCH_SIZE = args.size
+    device = torch.device(args.device)
+    wanted = [w for w in args.only.split(",") if w]
+    cases = [c for c in CASES if not wanted or c.name in wanted]
+    if not any(c.name == "adamw" for c in cases):
+        cases.insert(0, CASES[0])  # the torch fused AdamW baseline is always measured
+    ps = llama_params(args.size, device)
+    n_params = sum(p.numel() for p in ps.params)
+    header = f"{machine(device)}; LLaMA-shaped {args.size} set ({n_params / 1e6:.1f}M fp32 params, {len(ps.params)} tensors)"
+    print(header, file=sys.stderr)
+    ms, first = bench(cases, ps, args.repeats, args.warmup, args.steps)
+    baseline = ms[("adamw", "ref")]
+    out = (f"{header}; median of {args.repeats} interleaved rounds × {args.steps} steps\n\n"
+           + table(cases, ms, first, baseline) + "\nTargets:\n" + targets(cases, ms, baseline))
+    print(out)
+    if args.markdown:
+        args.markdown.write_text(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
