@@ -9,6 +9,8 @@ agrees with its prediction. Same memory as AdamW.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from llmtrain.optim._common import check_betas, check_positive, group_impl, resolve_compiled_impl
@@ -20,7 +22,8 @@ def adabelief_update_(
     grad: torch.Tensor,
     exp_avg: torch.Tensor,
     exp_avg_var: torch.Tensor,
-    step: int | torch.Tensor,
+    step_size: float | torch.Tensor,
+    bias_correction2_sqrt: float | torch.Tensor,
     *,
     lr: float | torch.Tensor,
     beta1: float,
@@ -31,7 +34,8 @@ def adabelief_update_(
 ) -> None:
     """m ← β1·m + (1-β1)·g;  s ← β2·s + (1-β2)·(g-m)² + ε;  θ ← θ - lr·m̂/(√ŝ + ε).
 
-    ``lr`` and ``step`` may be 0-dim tensors (the compiled path, ``llmtrain.optim.compiled``)."""
+    ``step_size`` = lr/(1-β1ᵗ) and ``bias_correction2_sqrt`` = √(1-β2ᵗ) come from ``bias_corrections``;
+    they and ``lr`` may be 0-dim tensors (the compiled path, ``llmtrain.optim.compiled``)."""
     if weight_decay != 0.0:
         if weight_decouple:
             param.mul_(1.0 - lr * weight_decay)
@@ -40,8 +44,14 @@ def adabelief_update_(
     exp_avg.lerp_(grad, 1.0 - beta1)
     residual = grad - exp_avg
     exp_avg_var.mul_(beta2).addcmul_(residual, residual, value=1.0 - beta2).add_(eps)
-    denom = (exp_avg_var.sqrt() / (1.0 - beta2**step) ** 0.5).add_(eps)
-    param.sub_(exp_avg.div(denom).mul_(lr / (1.0 - beta1**step)))
+    denom = (exp_avg_var.sqrt() / bias_correction2_sqrt).add_(eps)
+    param.sub_(exp_avg.div(denom).mul_(step_size))
+
+
+def bias_corrections(lr: float, beta1: float, beta2: float, step: int) -> tuple[float, float]:
+    """(lr/(1-β1ᵗ), √(1-β2ᵗ)), on the host in float64: kept out of compiled graphs, where a power
+    of a 0-dim tensor would be recomputed for every element."""
+    return lr / (1.0 - beta1**step), math.sqrt(1.0 - beta2**step)
 
 
 class AdaBelief(torch.optim.Optimizer):
@@ -89,8 +99,9 @@ class AdaBelief(torch.optim.Optimizer):
                     state["exp_avg_var"] = torch.zeros_like(p)
                 state["step"] += 1
                 tensors = (p, p.grad, state["exp_avg"], state["exp_avg_var"])
+                corrections = bias_corrections(float(group["lr"]), beta1, beta2, state["step"])
                 if fused:
-                    update(*flat(*tensors), scalar(state["step"], p.device), lr=lr)
+                    update(*flat(*tensors), *(scalar(c, p.device) for c in corrections), lr=lr)
                 else:
-                    adabelief_update_(*tensors, state["step"], lr=float(group["lr"]), **hyper)
+                    adabelief_update_(*tensors, *corrections, lr=float(group["lr"]), **hyper)
         return loss

@@ -16,6 +16,7 @@ matrices are blocked by row and vectors per tensor. Memory: m plus a few floats 
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -41,7 +42,8 @@ def adam_mini_update_(
     grad: torch.Tensor,
     exp_avg: torch.Tensor,
     v: torch.Tensor,
-    step: int | torch.Tensor,
+    step_size: float | torch.Tensor,
+    bias_correction2_sqrt: float | torch.Tensor,
     block_rows: int,
     *,
     lr: float | torch.Tensor,
@@ -52,12 +54,13 @@ def adam_mini_update_(
 ) -> None:
     """m ← β1·m + (1-β1)·g;  v_b ← β2·v_b + (1-β2)·mean_b(g²);  θ ← θ(1-lr·λ) - lr·m̂/(√v̂_b + ε).
 
-    ``lr`` and ``step`` may be 0-dim tensors (the compiled path, ``llmtrain.optim.compiled``)."""
+    ``step_size`` = lr/(1-β1ᵗ) and ``bias_correction2_sqrt`` = √(1-β2ᵗ) are computed on the host (a
+    power of a 0-dim tensor in a compiled graph is recomputed per element); they and ``lr`` may be
+    0-dim tensors (the compiled path, ``llmtrain.optim.compiled``)."""
     param.mul_(1.0 - lr * weight_decay)
     exp_avg.lerp_(grad, 1.0 - beta1)
     v.mul_(beta2).add_(block_mean_sq(grad, block_rows), alpha=1.0 - beta2)
-    denom = (v.sqrt() / (1.0 - beta2**step) ** 0.5).add_(eps)
-    step_size = lr / (1.0 - beta1**step)
+    denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
     if block_rows > 0 and param.ndim >= 2:
         shaped = exp_avg.reshape(denom.shape[0], -1)
         param.sub_((shaped / denom).reshape(param.shape).mul_(step_size))
@@ -155,9 +158,11 @@ class AdamMini(torch.optim.Optimizer):
                     state["v"] = torch.zeros_like(block_mean_sq(p.grad, state["block_rows"]))
                 state["step"] += 1
                 tensors = (p, p.grad, state["exp_avg"], state["v"])
+                t = state["step"]
+                corrections = (float(group["lr"]) / (1.0 - beta1**t), math.sqrt(1.0 - beta2**t))
                 if fused:  # block_rows shapes the graph, so it is static; tensors keep their shapes
                     compiled(adam_mini_update_, block_rows=state["block_rows"], **hyper)(
-                        *tensors, scalar(state["step"], p.device), lr=lr)
+                        *tensors, *(scalar(c, p.device) for c in corrections), lr=lr)
                 else:
-                    adam_mini_update_(*tensors, state["step"], state["block_rows"], lr=float(group["lr"]), **hyper)
+                    adam_mini_update_(*tensors, *corrections, state["block_rows"], lr=float(group["lr"]), **hyper)
         return loss

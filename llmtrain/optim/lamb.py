@@ -22,7 +22,8 @@ def lamb_update_(
     grad: torch.Tensor,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
-    step: int | torch.Tensor,
+    bias_correction1: float | torch.Tensor,
+    bias_correction2: float | torch.Tensor,
     *,
     lr: float | torch.Tensor,
     beta1: float,
@@ -34,13 +35,15 @@ def lamb_update_(
 ) -> None:
     """r = m̂/(√v̂ + ε) + λθ;  θ ← θ - lr·φ(‖θ‖)/‖r‖·r, φ(x) = min(x, clamp_value), ratio 1 if a norm is 0.
 
-    ``lr`` and ``step`` may be 0-dim tensors (the compiled path, ``llmtrain.optim.compiled``)."""
+    ``bias_correction1/2`` are 1-β1ᵗ and 1-β2ᵗ, computed on the host (a power of a 0-dim tensor in a
+    compiled graph is recomputed per element); they and ``lr`` may be 0-dim tensors (the compiled
+    path, ``llmtrain.optim.compiled``)."""
     exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
     m, v = exp_avg, exp_avg_sq
     if bias_correction:
-        m = m / (1.0 - beta1**step)
-        v = v / (1.0 - beta2**step)
+        m = m / bias_correction1
+        v = v / bias_correction2
     update = m / v.sqrt().add_(eps)
     if weight_decay != 0.0:
         update.add_(param, alpha=weight_decay)
@@ -99,8 +102,9 @@ class Lamb(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
                 tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+                corrections = (1.0 - beta1 ** state["step"], 1.0 - beta2 ** state["step"])
                 if fused:  # the norms are over the whole tensor, so a 1-D view changes nothing
-                    update(*flat(*tensors), scalar(state["step"], p.device), lr=lr)
+                    update(*flat(*tensors), *(scalar(c, p.device) for c in corrections), lr=lr)
                 else:
-                    lamb_update_(*tensors, state["step"], lr=float(group["lr"]), **hyper)
+                    lamb_update_(*tensors, *corrections, lr=float(group["lr"]), **hyper)
         return loss

@@ -13,9 +13,9 @@ and scaled by √max(1, rows/cols). Embeddings, the output head, norms and biase
 
 from __future__ import annotations
 
-import torch
-
 import time
+
+import torch
 
 from llmtrain.optim._common import check_positive, resolve_impl
 from llmtrain.optim.adam import adamw_group_step, adamw_group_step_multi
