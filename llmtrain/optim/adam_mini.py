@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from llmtrain.optim._common import check_betas, check_positive, group_impl, resolve_compiled_impl
-from llmtrain.optim.compiled import compiled, flat, scalar
+from llmtrain.optim.compiled import compiled, scalar
 
 FULL = 0  # block_rows value meaning "per coordinate" (plain Adam)
 

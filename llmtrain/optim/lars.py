@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from llmtrain.optim._common import check_positive, group_impl, resolve_compiled_impl
-from llmtrain.optim.compiled import compiled, flat, scalar
+from llmtrain.optim.compiled import compiled, scalar
 
 
 def lars_update_(
