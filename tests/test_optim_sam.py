@@ -95,4 +95,4 @@ def test_build_optimizer_passes_base_hyperparameters():
     fused = build_optimizer({"name": "sam", "lr": 1e-3, "base": "adamw", "impl": "foreach"}, model)
     assert fused.base_optimizer.impl == "foreach"
     with pytest.raises(ConfigError, match="optim.impl"):
-        build_optimizer({"name": "sam", "lr": 1e-3, "base": "sgd", "impl": "fused"}, model)
+        build_optimizer({"name": "sam", "lr": 1e-3, "base": "nadam", "impl": "fused"}, model)
