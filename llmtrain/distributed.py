@@ -256,4 +256,8 @@ def barrier(env: DistEnv) -> None:
 
 def shutdown(env: DistEnv) -> None:
     if env.world_size > 1 and dist.is_initialized():
+        # Ranks reach the end at different times (rank 0 writes the summary and prints the sample);
+        # tearing gloo down while a peer is still connected aborts that peer ("terminate called
+        # without an active exception"), seen in CI as a SIGABRT after the last step.
+        dist.barrier()
         dist.destroy_process_group()
