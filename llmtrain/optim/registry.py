@@ -45,8 +45,8 @@ OPTIMIZERS.update({
     "soap": SOAP,
     "galore_adamw": GaLoreAdamW,
     "sam": SAM,
+    "adamw8bit": AdamW8bit,
 })
-OPTIMIZERS["adamw8bit"] = AdamW8bit
 
 # --- completed registry (issue 11) ---------------------------------------------------------
 from llmtrain.optim.adam_variants import Adamax, NAdam, RAdam  # noqa: E402
