@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from llmtrain import checkpoint
 from llmtrain.config import RootConfig, validate
-from llmtrain.distributed import all_reduce_mean, barrier, grad_sync, init_distributed, parallelize, shutdown, unwrap
+from llmtrain.distributed import all_reduce_mean, barrier, comm_bytes, grad_sync, init_distributed, parallelize, shutdown, unwrap
 from llmtrain.errors import ConfigError, ResourceError
 from llmtrain.logging import RunLogger
 from llmtrain.optim.protocol import StepContext, state_bytes
@@ -290,7 +290,8 @@ class Trainer:
                 window_tokens += t.global_batch_size * t.seq_len
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
                     window_time = max(time.perf_counter() - window_start, 1e-9)
-                    self.log.log_train(self._train_row(last, window_tokens / window_time))
+                    window_steps = window_tokens // (t.global_batch_size * t.seq_len)
+                    self.log.log_train(self._train_row(last, window_tokens / window_time, window_steps))
                     window_tokens, window_start = 0, time.perf_counter()
                 if self.nonfinite_streak >= max(1, t.max_nonfinite_in_a_row):
                     status = "diverged"
@@ -322,10 +323,14 @@ class Trainer:
         shutdown(self.env)
         return summary
 
-    def _train_row(self, last: dict[str, Any], tokens_per_s: float) -> dict[str, Any]:
-        return {"step": self.step, "loss": last["loss"], "lr": last["lr"], "grad_norm": last["grad_norm"],
-                "tokens": self.tokens, "tokens_per_s": tokens_per_s, "peak_mem_bytes": peak_memory_bytes(self.env.device),
-                "time_s": self.elapsed, "nonfinite_steps": self.nonfinite_total}
+    def _train_row(self, last: dict[str, Any], tokens_per_s: float, window_steps: int) -> dict[str, Any]:
+        row = {"step": self.step, "loss": last["loss"], "lr": last["lr"], "grad_norm": last["grad_norm"],
+               "tokens": self.tokens, "tokens_per_s": tokens_per_s, "peak_mem_bytes": peak_memory_bytes(self.env.device),
+               "time_s": self.elapsed, "nonfinite_steps": self.nonfinite_total}
+        sent = comm_bytes(self.model)  # counted only where a compression hook measures it (PowerSGD)
+        if sent is not None:
+            row["comm_bytes_per_step"] = sent / max(window_steps, 1)
+        return row
 
     def _eval_row(self) -> dict[str, Any]:
         return {"step": self.step, "tokens": self.tokens, "time_s": self.elapsed, "val_loss": self.evaluate()}

@@ -159,6 +159,18 @@ def test_resume_two_one_two(reference, corpus, data_cache, tmp_path, strategy, o
     assert diff < TOL
 
 
+def test_powersgd_bytes_per_step_in_metrics(corpus, data_cache, tmp_path):
+    """DDP + PowerSGD through the trainer: every metrics row carries the all-reduced bytes per
+    step; after torch's two uncompressed warm-up steps they drop to the rank-4 factors."""
+    run_torchrun(overrides(corpus, data_cache, tmp_path, "adamw", **{
+        "distributed.strategy": "ddp", "distributed.grad_compression": "powersgd", "train.max_steps": 5}))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    sent = [r["comm_bytes_per_step"] for r in rows if "loss" in r and "val_loss" not in r]
+    print(f"PowerSGD all-reduced bytes/step: {sent}")
+    assert len(sent) == 5 and sent[0] == sent[1] > 0
+    assert 0 < sent[-1] < sent[0] / 2
+
+
 def test_sharded_checkpoint_exports_whole_model(reference, corpus, data_cache, tmp_path):
     """load_model_state stitches a DCP checkpoint into the same state_dict a one-process run saves."""
     import torch
