@@ -226,7 +226,8 @@ def validate_optim(optim: dict[str, Any]) -> None:
     if name not in OPTIMIZERS:
         raise ConfigError("optim.name", f"got {name!r}, expected {choices(sorted(OPTIMIZERS))}")
     if "impl" in optim:
-        _check_choice("optim.impl", optim["impl"], IMPLS)
+        # Any implementation name some optimizer has; the class itself says which of them it runs.
+        _check_choice("optim.impl", optim["impl"], IMPLS + ("bnb",))
     lr = optim.get("lr")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr < 0:
         raise ConfigError("optim.lr", f"got {lr!r}, expected a number >= 0")

@@ -87,3 +87,12 @@ def test_user_errors_survive_pickling():
 
     err = pickle.loads(pickle.dumps(ConfigError("optim.lr", "bad")))
     assert isinstance(err, ConfigError) and err.key == "optim.lr" and str(err) == "optim.lr: bad"
+
+
+def test_impl_names_are_checked_per_optimizer():
+    """`optim.impl=bnb` is adamw8bit's (bitsandbytes) path: it composes for adamw8bit and is a
+    one-line error for an optimizer without it."""
+    assert compose(["optim=adamw8bit", "optim.impl=bnb"]).optim["impl"] == "bnb"
+    with pytest.raises(ConfigError, match=r"^optim\.impl: got 'fast'") as info:
+        compose(["optim=adamw8bit", "optim.impl=fast"])
+    assert "bnb" in str(info.value)
