@@ -18,7 +18,7 @@ from llmtrain.optim import OPTIMIZERS, build_optimizer
 from llmtrain.optim.protocol import StepContext, state_bytes
 
 NAMES = ["sgd", "adagrad", "rmsprop", "adam", "adamw", "adabelief", "adafactor", "lion", "lamb", "lars", "sophia",
-         "schedulefree_adamw", "adam_mini", "muon", "shampoo", "soap", "galore_adamw", "sam"]
+         "schedulefree_adamw", "adam_mini", "muon", "shampoo", "soap", "galore_adamw", "sam", "adamw8bit"]
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "optim"
 
 

@@ -31,11 +31,12 @@ from llmtrain.errors import ConfigError
 from llmtrain.optim.protocol import default_state_bytes
 
 # Registry names whose update of an element depends only on that element's gradient and state
-# (plus the step count and group hyperparameters), so they are exact on any shard.
+# (plus the step count and group hyperparameters), so they are exact on any shard. adamw8bit is
+# not among them: its absmax blocks of 256 would be cut differently by each shard boundary, so an
+# owner rank quantises the whole tensor and the result equals one process's.
 ELEMENTWISE = {
     "sgd", "adam", "adamw", "nadam", "radam", "adamax", "adagrad", "rmsprop", "adabelief", "adan",
-    "lion", "signsgd", "signum", "adopt", "amsgrad", "schedulefree_adamw", "schedulefree_sgd",
-    "sf_adamw", "sf_sgd", "adamw8bit_reference",
+    "lion", "signsgd", "signum", "schedulefree_adamw",
 }
 
 
