@@ -102,6 +102,8 @@ def optimizer_state_bytes_per_param(optim: dict[str, Any]) -> tuple[float, Optio
     from llmtrain.optim import OPTIMIZERS
 
     name = optim.get("name")
+    if name == "sam":  # a wrapper: its state is its base optimizer's
+        name = optim.get("base", "adamw")
     cls = OPTIMIZERS.get(name)
     value = getattr(cls, "state_bytes_per_param", None) if cls is not None else None
     if value is None:

@@ -157,3 +157,10 @@ def test_activation_estimate_matches_saved_tensors(family):
 def test_memory_per_rank_resolves_auto_like_the_trainer_on_cpu():
     assert memory_per_rank(root(precision="auto"), 4, "zero1") == memory_per_rank(root(precision="fp32"), 4, "zero1")
     assert plan(root(precision="auto"))["precision"] == "bf16"
+
+
+def test_sam_plans_with_its_base_optimizers_state():
+    from llmtrain.plan import optimizer_state_bytes_per_param
+
+    assert optimizer_state_bytes_per_param({"name": "sam", "base": "lion"}) == (4.0, None)
+    assert optimizer_state_bytes_per_param({"name": "sam"}) == (8.0, None)  # base defaults to adamw

@@ -63,7 +63,7 @@ class LBFGS(torch.optim.Optimizer):
     treated as one flat vector: they must share one lr and carry no weight decay. State is the
     history of ``2 * history_size`` flat vectors plus a few more, so per parameter it costs
     ``4 * (2 * history_size + 3)`` bytes (812 at the default history of 100). Single process
-    only: refuses DDP/FSDP and gradient accumulation is handled by the closure itself.
+    only: refuses every multi-process strategy, and gradient accumulation is handled by the closure itself.
     """
 
     requires_closure = True

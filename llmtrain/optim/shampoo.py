@@ -6,7 +6,7 @@ Learning" (2020) and Shi et al., "A Distributed Data-Parallel PyTorch Implementa
 Distributed Shampoo Optimizer" (2023, reference implementation github.com/facebookresearch/
 optimizers, ``DistributedShampoo`` with ``AdamGraftingConfig``). This is the single-device core of
 that algorithm; tests/test_optim_matrix.py checks it against the paper's equations written out
-independently in float64 on small matrices (1e-6).
+independently in float64 on small matrices (1e-5 asserted; 1.7e-6 measured).
 
 For a matrix G (m×n): L ← β2·L + (1-β2)·GGᵀ, R ← β2·R + (1-β2)·GᵀG; every
 ``precondition_frequency`` steps the inverse 4th roots (L̂ + εI)^-¼, (R̂ + εI)^-¼ of the
