@@ -75,3 +75,19 @@ def test_state_dict_round_trip_including_schedule_counters():
             o.step()
     for x, y in zip(params, clone):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_einsums_contract_in_a_good_order():
+    """opt_einsum orders the multi-operand contractions; without it one 384x64 step took 45 s."""
+    import time
+
+    from llmtrain.optim.psgd_kron import PSGDKron
+
+    assert torch.backends.opt_einsum.is_available()
+    p = torch.nn.Parameter(torch.randn(384, 64))
+    opt = PSGDKron([p], lr=1e-3)
+    start = time.perf_counter()
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    assert time.perf_counter() - start < 10.0
