@@ -48,7 +48,8 @@ def overrides(corpus, cache, run_dir, optim: str, **extra) -> list[str]:
 
 
 def env() -> dict[str, str]:
-    e = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(REPO))
+    # PYTHONFAULTHANDLER: a rank that aborts in C++ still prints where Python was.
+    e = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(REPO), PYTHONFAULTHANDLER="1")
     e.pop("WORLD_SIZE", None)
     return e
 
