@@ -21,8 +21,11 @@ from conftest import REPO, tiny_overrides
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
-STEPS = 10
-TOL = 1e-4  # fp32; ranks reduce in a different order than one process, so bits differ
+STEPS = 20
+# fp32; ranks reduce in a different order than one process, so bits differ. Muon's Newton-Schulz
+# quintic has slope ~3.4 at small singular values, so five iterations amplify that ~1e-7 gradient
+# noise several hundred times in those directions: over 20 steps even plain DDP drifts 1.3e-4.
+TOL = {"adamw": 1e-4, "muon": 2e-4}
 TIMEOUT = 300
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
@@ -111,7 +114,7 @@ def test_two_ranks_match_one(reference, corpus, data_cache, tmp_path, optim, str
     ref = reference[optim]
     diff = max_diff(losses(ref), losses(tmp_path))
     print(f"{strategy} {extra} {optim}: max |loss diff| over {STEPS} steps = {diff:.2e}")
-    assert diff < TOL
+    assert diff < TOL[optim]
     one, two = summary(ref), summary(tmp_path)
     assert two["world_size"] == 2 and two["strategy"] == strategy
     ratio = two["optimizer_state_bytes"] / one["optimizer_state_bytes"]
@@ -138,13 +141,13 @@ def test_two_node_launch_matches_one(reference, corpus, data_cache, tmp_path):
         assert p.returncode == 0, out[-2000:] + err[-4000:]
     diff = max_diff(losses(reference["adamw"]), losses(tmp_path))
     print(f"2 nodes x 1 rank (hsdp 2x1): max |loss diff| = {diff:.2e}")
-    assert diff < TOL
+    assert diff < TOL["adamw"]
     assert summary(tmp_path)["world_size"] == 2
 
 
 @pytest.mark.parametrize("strategy,optim", [("fsdp", "adamw"), ("fsdp", "muon"), ("zero1", "muon")])
 def test_resume_two_one_two(reference, corpus, data_cache, tmp_path, strategy, optim):
-    """Steps 1-4 on 2 ranks, 5-7 on 1 process, 8-10 on 2 ranks == the uninterrupted curve."""
+    """Steps 1-4 on 2 ranks, 5-7 on 1 process, 8-20 on 2 ranks == the uninterrupted curve."""
     ckpt = lambda run, step: str(run / "checkpoints" / f"step_{step}")  # noqa: E731
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     # The constant schedule makes the LR independent of max_steps, so a run cut short at step 4
@@ -157,7 +160,7 @@ def test_resume_two_one_two(reference, corpus, data_cache, tmp_path, strategy, o
     joined = {**losses(a), **losses(b), **losses(c)}
     diff = max_diff(losses(reference[optim]), joined)
     print(f"resume 2->1->2 {strategy} {optim}: max |loss diff| = {diff:.2e}")
-    assert diff < TOL
+    assert diff < TOL[optim]
 
 
 def test_powersgd_bytes_per_step_in_metrics(corpus, data_cache, tmp_path):
