@@ -174,3 +174,23 @@ def test_refresh_cost_is_reported(name, kw, period):
     assert 0 < timer.amortised_ms < timer.total_ms
     # refreshes happen every `period` steps, not every step (2-4 of 7 depending on the first-step rule)
     assert 2 <= sum(refreshed) <= 4, refreshed
+
+
+def _axpy_(x, y, alpha):
+    x.add_(y * alpha)
+
+
+@needs_compile
+def test_small_and_large_tensors_get_their_own_graphs():
+    """A graph first traced on a small tensor would size its loops for it (one thread for a 10M
+    matrix), so tensors of at least PARALLEL_MIN_NUMEL elements get a graph of their own."""
+    from llmtrain.optim.compiled import PARALLEL_MIN_NUMEL, compiled, scalar
+
+    update = compiled(_axpy_)
+    small, large = torch.zeros(300), torch.zeros(PARALLEL_MIN_NUMEL + 5)
+    update(small, torch.ones(300), alpha=scalar(2.0, small.device))
+    assert sorted(update.graphs) == [False]
+    update(large, torch.ones_like(large), alpha=scalar(0.5, large.device))
+    update(torch.zeros(17), torch.ones(17), alpha=scalar(1.0, small.device))  # reuses the small graph
+    assert sorted(update.graphs) == [False, True]
+    assert torch.equal(small, torch.full((300,), 2.0)) and torch.equal(large, torch.full_like(large, 0.5))
