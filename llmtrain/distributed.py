@@ -256,8 +256,9 @@ def barrier(env: DistEnv) -> None:
 
 def shutdown(env: DistEnv) -> None:
     if env.world_size > 1 and dist.is_initialized():
-        # Ranks reach the end at different times (rank 0 writes the summary and prints the sample);
-        # tearing gloo down while a peer is still connected aborts that peer ("terminate called
-        # without an active exception"), seen in CI as a SIGABRT after the last step.
+        # Ranks reach the end at different times (rank 0 writes the summary and prints the sample):
+        # no rank tears its process groups down while a peer may still be in a collective. (The
+        # occasional SIGABRT at exit seen in CI came from interpreter teardown; see
+        # llmtrain.cli._exit_torchrun_worker.)
         dist.barrier()
         dist.destroy_process_group()

@@ -22,9 +22,9 @@ from conftest import REPO, tiny_overrides
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 STEPS = 20
-# fp32; ranks reduce in a different order than one process, so bits differ. Muon's Newton-Schulz
-# quintic has slope ~3.4 at small singular values, so five iterations amplify that ~1e-7 gradient
-# noise several hundred times in those directions: over 20 steps even plain DDP drifts 1.3e-4.
+# fp32; ranks reduce in a different order than one process, so bits differ. Muon orthogonalises in
+# bf16 (as its reference does) with a quintic of slope ~3.4 at small singular values, so that ~1e-7
+# gradient noise flips bf16 roundings and grows: over 20 steps even plain DDP drifts 1.3e-4.
 TOL = {"adamw": 1e-4, "muon": 2e-4}
 TIMEOUT = 300
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
