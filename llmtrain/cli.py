@@ -223,23 +223,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     sys.argv = [sys.argv[0], *normalize_overrides(argv)]
     _task()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        _exit_torchrun_worker()
+    from llmtrain.distributed import exit_torchrun_worker
 
-
-def _exit_torchrun_worker() -> None:
-    """End a torchrun worker without interpreter teardown.
-
-    The run is finished (checkpoint, metrics and summary written, W&B closed, process groups
-    destroyed). Under load, letting Python finalise a worker that used gloo now and then aborted
-    it from C++ static destructors ("terminate called without an active exception", SIGABRT,
-    seen in CI about once in 20 two-rank runs), which torchrun reports as a failed job."""
-    import logging
-
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_torchrun_worker()
 
 
 if __name__ == "__main__":

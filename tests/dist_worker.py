@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from llmtrain import checkpoint
-from llmtrain.distributed import all_reduce_mean, barrier, comm_bytes, grad_sync, init_distributed, parallelize, shutdown, unwrap
+from llmtrain.distributed import (
+    all_reduce_mean, barrier, comm_bytes, exit_torchrun_worker, grad_sync, init_distributed, parallelize, shutdown, unwrap,
+)
 from llmtrain.models import build_model
 from llmtrain.models.config import ModelConfig
 from llmtrain.optim import OPTIMIZERS, build_optimizer
@@ -291,3 +293,4 @@ def matrix(spec: dict) -> None:
 if __name__ == "__main__":
     spec = json.loads(sys.argv[1])
     matrix(spec) if spec.get("mode") == "matrix" else main(spec)
+    exit_torchrun_worker()
