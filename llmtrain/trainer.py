@@ -23,6 +23,7 @@ from llmtrain.config import RootConfig, validate
 from llmtrain.distributed import all_reduce_mean, barrier, comm_bytes, grad_sync, init_distributed, parallelize, shutdown, unwrap
 from llmtrain.errors import ConfigError, ResourceError
 from llmtrain.logging import RunLogger
+from llmtrain.models.linear import set_cpu_matmul
 from llmtrain.optim.protocol import StepContext, state_bytes
 from llmtrain.optim.sharded import shard_optimizer
 from llmtrain.schedules import lr_factor
@@ -97,6 +98,7 @@ class Trainer:
                                micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size)
         cfg.model.vocab_size = check_vocab(cfg.model.vocab_size, self.data, cfg.data.pad_vocab_to_multiple_of)
 
+        set_cpu_matmul(t.cpu_matmul)
         model = build_model(cfg.model).to(env.device)
         if cfg.model.init_from:
             from llmtrain.export import load_init_weights

@@ -22,6 +22,7 @@ BAD = [
     (["optim=adamx"], "optim", "adamw"),                                          # unknown config group option
     (["optim.betaz=[0.9,0.95]"], "optim.betaz", "betas"),                          # not a hyperparameter of adamw
     (["train.precision=fp8"], "train.precision", "bf16"),
+    (["train.cpu_matmul=mkl"], "train.cpu_matmul", "onednn"),
     (["distributed.strategy=zero4"], "distributed.strategy", "fsdp"),
     (["model.n_heads=7"], "model.n_heads", "d_model"),
     (["resume=/no/such/ckpt"], "resume", "/no/such/ckpt"),

@@ -17,6 +17,7 @@ from torch import nn
 from llmtrain.models.base import DecoderLM
 from llmtrain.models.config import ModelConfig
 from llmtrain.models.layers import Attention, GeluMLP, KVCache
+from llmtrain.models.linear import Linear
 
 
 class GPTBlock(nn.Module):
@@ -47,7 +48,7 @@ class GPT(DecoderLM):
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(GPTBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         if self.embed.weight.device.type != "meta":

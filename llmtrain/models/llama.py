@@ -16,6 +16,7 @@ from torch import nn
 from llmtrain.models.base import DecoderLM
 from llmtrain.models.config import ModelConfig
 from llmtrain.models.layers import Attention, KVCache, RMSNorm, SwiGLU, rope_cos_sin, swiglu_hidden
+from llmtrain.models.linear import Linear
 
 
 def llama_ffn_hidden(cfg: ModelConfig) -> int:
@@ -50,7 +51,7 @@ class Llama(DecoderLM):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, _weight=torch.empty(cfg.vocab_size, cfg.d_model))
         self.layers = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         # RoPE tables derive from the config, so they stay out of checkpoints (persistent=False);
