@@ -176,21 +176,29 @@ def test_refresh_cost_is_reported(name, kw, period):
     assert 2 <= sum(refreshed) <= 4, refreshed
 
 
-def _axpy_(x, y, alpha):
-    x.add_(y * alpha)
+def _axpy_(x, y, alpha, *, beta):
+    x.add_(y * alpha * beta)
+    return x.sum()
 
 
 @needs_compile
-def test_small_and_large_tensors_get_their_own_graphs():
-    """A graph first traced on a small tensor would size its loops for it (one thread for a 10M
-    matrix), so tensors of at least PARALLEL_MIN_NUMEL elements get a graph of their own."""
-    from llmtrain.optim.compiled import PARALLEL_MIN_NUMEL, compiled, scalar
+def test_same_layout_tensors_share_chunked_graphs():
+    """apply_updates: one graph per (layout, chunk length); every entry gets its own per-tensor
+    scalar and result; eager and fused agree; a second call with new values compiles nothing."""
+    from llmtrain.optim.compiled import CHUNK, apply_updates, cached_graphs
 
-    update = compiled(_axpy_)
-    small, large = torch.zeros(300), torch.zeros(PARALLEL_MIN_NUMEL + 5)
-    update(small, torch.ones(300), alpha=scalar(2.0, small.device))
-    assert sorted(update.graphs) == [False]
-    update(large, torch.ones_like(large), alpha=scalar(0.5, large.device))
-    update(torch.zeros(17), torch.ones(17), alpha=scalar(1.0, small.device))  # reuses the small graph
-    assert sorted(update.graphs) == [False, True]
-    assert torch.equal(small, torch.full((300,), 2.0)) and torch.equal(large, torch.full_like(large, 0.5))
+    def entries():
+        xs = [torch.zeros(5) for _ in range(CHUNK + 2)] + [torch.zeros(3, 2)]
+        return [((x, torch.ones_like(x)), (float(i + 1),)) for i, x in enumerate(xs)]
+
+    eager, fused = entries(), entries()
+    before = cached_graphs(_axpy_)
+    want = apply_updates(_axpy_, eager, fused=False, static=dict(beta=0.5))
+    got = apply_updates(_axpy_, fused, fused=True, static=dict(beta=0.5))
+    # a chunk of CHUNK and one of 2 for the 5-element tensors, one for the 3x2 matrix
+    assert cached_graphs(_axpy_) - before == 3
+    for (e, _), (f, _), w, g in zip(eager, fused, want, got):
+        assert torch.equal(e[0], f[0]) and torch.equal(w, g)
+    assert torch.equal(fused[3][0][0], torch.full((5,), 2.0))  # entry 3 used its own scalar 4.0 * 0.5
+    apply_updates(_axpy_, entries(), fused=True, static=dict(beta=0.5))
+    assert cached_graphs(_axpy_) - before == 3

@@ -14,7 +14,7 @@ import math
 import torch
 
 from llmtrain.optim._common import check_betas, check_positive, group_impl, resolve_compiled_impl
-from llmtrain.optim.compiled import compiled, flat, scalar
+from llmtrain.optim.compiled import apply_updates
 
 
 def adabelief_update_(
@@ -23,7 +23,7 @@ def adabelief_update_(
     exp_avg: torch.Tensor,
     exp_avg_var: torch.Tensor,
     step_size: float | torch.Tensor,
-    bias_correction2_sqrt: float | torch.Tensor,
+    inv_bias_correction2_sqrt: float | torch.Tensor,
     *,
     lr: float | torch.Tensor,
     beta1: float,
@@ -34,8 +34,10 @@ def adabelief_update_(
 ) -> None:
     """m ← β1·m + (1-β1)·g;  s ← β2·s + (1-β2)·(g-m)² + ε;  θ ← θ - lr·m̂/(√ŝ + ε).
 
-    ``step_size`` = lr/(1-β1ᵗ) and ``bias_correction2_sqrt`` = √(1-β2ᵗ) come from ``bias_corrections``;
-    they and ``lr`` may be 0-dim tensors (the compiled path, ``llmtrain.optim.compiled``)."""
+    ``step_size`` = lr/(1-β1ᵗ) and ``inv_bias_correction2_sqrt`` = 1/√(1-β2ᵗ) come from
+    ``bias_corrections``; they and ``lr`` may be 0-dim tensors (the compiled path,
+    ``llmtrain.optim.compiled``). A product with a host-side reciprocal rather than a division:
+    a vector divide costs several multiplies, and this loop is close to compute-bound on AVX-512."""
     if weight_decay != 0.0:
         if weight_decouple:
             param.mul_(1.0 - lr * weight_decay)
@@ -44,14 +46,14 @@ def adabelief_update_(
     exp_avg.lerp_(grad, 1.0 - beta1)
     residual = grad - exp_avg
     exp_avg_var.mul_(beta2).addcmul_(residual, residual, value=1.0 - beta2).add_(eps)
-    denom = (exp_avg_var.sqrt() / bias_correction2_sqrt).add_(eps)
+    denom = (exp_avg_var.sqrt() * inv_bias_correction2_sqrt).add_(eps)
     param.sub_(exp_avg.div(denom).mul_(step_size))
 
 
 def bias_corrections(lr: float, beta1: float, beta2: float, step: int) -> tuple[float, float]:
-    """(lr/(1-β1ᵗ), √(1-β2ᵗ)), on the host in float64: kept out of compiled graphs, where a power
+    """(lr/(1-β1ᵗ), 1/√(1-β2ᵗ)), on the host in float64: kept out of compiled graphs, where a power
     of a 0-dim tensor would be recomputed for every element."""
-    return lr / (1.0 - beta1**step), math.sqrt(1.0 - beta2**step)
+    return lr / (1.0 - beta1**step), 1.0 / math.sqrt(1.0 - beta2**step)
 
 
 class AdaBelief(torch.optim.Optimizer):
@@ -89,8 +91,7 @@ class AdaBelief(torch.optim.Optimizer):
             fused = bool(live) and group_impl(self.impl, live, "eager") == "fused"
             hyper = dict(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                          weight_decouple=group["weight_decouple"])
-            if fused:
-                update, lr = compiled(adabelief_update_, **hyper), scalar(group["lr"], live[0].device)
+            entries = []
             for p in live:
                 state = self.state[p]
                 if "exp_avg" not in state:
@@ -98,10 +99,8 @@ class AdaBelief(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_var"] = torch.zeros_like(p)
                 state["step"] += 1
-                tensors = (p, p.grad, state["exp_avg"], state["exp_avg_var"])
-                corrections = bias_corrections(float(group["lr"]), beta1, beta2, state["step"])
-                if fused:
-                    update(*flat(*tensors), *(scalar(c, p.device) for c in corrections), lr=lr)
-                else:
-                    adabelief_update_(*tensors, *corrections, lr=float(group["lr"]), **hyper)
+                entries.append(((p, p.grad, state["exp_avg"], state["exp_avg_var"]),
+                                bias_corrections(float(group["lr"]), beta1, beta2, state["step"])))
+            if entries:
+                apply_updates(adabelief_update_, entries, fused=fused, static=hyper, shared=dict(lr=float(group["lr"])))
         return loss

@@ -15,22 +15,16 @@ schedule, as in PaLM.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from llmtrain.optim._common import check_positive, group_impl, resolve_compiled_impl
-from llmtrain.optim.compiled import compiled, scalar
+from llmtrain.optim.compiled import apply_updates
 
 
 def _rms(t: torch.Tensor) -> torch.Tensor:
     return t.norm(2) / (t.numel() ** 0.5)
-
-
-def factored_rsqrt(row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
-    """1/√V̂ for the rank-1 estimate V̂ = R·Cᵀ / mean(R) of the second moment."""
-    r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
-    return r_factor * col.unsqueeze(-2).rsqrt()
 
 
 def adafactor_core_(
@@ -54,18 +48,27 @@ def adafactor_core_(
     Row/col statistics for a matrix (``exp_avg_sq`` None), the full one otherwise. ``lr`` and
     ``beta2t`` may be 0-dim tensors (the compiled path, ``llmtrain.optim.compiled``).
     """
-    rms = _rms(param)
-    step_size = rms.clamp(min=eps[1]) * lr if scale_parameter else lr  # max(ε2, RMS(θ))·lr
-    update = grad**2 + eps[0]
     if exp_avg_sq is None:
-        exp_avg_sq_row.mul_(beta2t).add_(update.mean(dim=-1) * (1.0 - beta2t))
-        exp_avg_sq_col.mul_(beta2t).add_(update.mean(dim=-2) * (1.0 - beta2t))
-        update = factored_rsqrt(exp_avg_sq_row, exp_avg_sq_col).mul_(grad)
+        # Factored: the update g·r·c (r per row, c per column) is never stored. Its RMS is
+        # sqrt(Σᵢ rᵢ² Σⱼ g²ᵢⱼ cⱼ² / n), and RMS(θ) comes from row sums, so the compiled kernel makes
+        # four passes over the matrix (row sums of g² and θ², column sums, the weighted row sums,
+        # the update) - about AdamW's memory traffic - instead of six plus a stored update.
+        grad_sq = grad * grad
+        rms = ((param * param).sum(dim=-1).sum() / param.numel()).sqrt()
+        exp_avg_sq_row.mul_(beta2t).add_((grad_sq + eps[0]).mean(dim=-1) * (1.0 - beta2t))
+        exp_avg_sq_col.mul_(beta2t).add_((grad_sq + eps[0]).mean(dim=-2) * (1.0 - beta2t))
+        row_factor = (exp_avg_sq_row / exp_avg_sq_row.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1)
+        col_factor = exp_avg_sq_col.rsqrt().unsqueeze(-2)
+        update_sq_sum = ((grad_sq * col_factor.square()).sum(dim=-1, keepdim=True) * row_factor.square()).sum()
+        clip = ((update_sq_sum / grad.numel()).sqrt() / clip_threshold).clamp(min=1.0)
     else:
-        exp_avg_sq.mul_(beta2t).add_(update * (1.0 - beta2t))
-        update = exp_avg_sq.rsqrt().mul_(grad)
-    update.div_((_rms(update) / clip_threshold).clamp_(min=1.0))
-    update.mul_(step_size)
+        rms = _rms(param)
+        exp_avg_sq.mul_(beta2t).add_((grad**2 + eps[0]) * (1.0 - beta2t))
+        full = exp_avg_sq.rsqrt().mul_(grad)
+        clip = (_rms(full) / clip_threshold).clamp_(min=1.0)
+    step_size = rms.clamp(min=eps[1]) * lr if scale_parameter else lr  # max(ε2, RMS(θ))·lr
+    scale = step_size / clip
+    update = grad * row_factor * (col_factor * scale) if exp_avg_sq is None else full.mul_(scale)
     if beta1 is not None:
         update = exp_avg.mul_(beta1).add_(update, alpha=1.0 - beta1)
     if weight_decay != 0.0:
@@ -74,40 +77,14 @@ def adafactor_core_(
     return rms
 
 
-def adafactor_update_(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    state: dict,
-    *,
-    lr: float,
-    eps: tuple[float, float],
-    clip_threshold: float,
-    decay_rate: float,
-    beta1: Optional[float],
-    weight_decay: float,
-    scale_parameter: bool,
-    relative_step: bool,
-    warmup_init: bool,
-    core: Callable = adafactor_core_,
-) -> None:
-    """One Adafactor step; ``state`` holds step, RMS and the row/col (or full) second moments.
-
-    ``core`` is ``adafactor_core_`` or its compiled twin (``compiled(adafactor_core_, ...)``, which
-    takes the hyperparameters as static keywords and ``lr`` / β2ₜ as 0-dim tensors).
-    """
-    state["step"] += 1
-    step = state["step"]
+def adafactor_scalars(step: int, *, lr: float, decay_rate: float, relative_step: bool, warmup_init: bool
+                      ) -> tuple[float, float]:
+    """(this step's lr, β2ₜ): the relative step min(1e-2 or 1e-6·t, 1/√t) when ``relative_step``, and
+    the increasing decay β2ₜ = 1 - t^decay_rate (1 - t^-0.8)."""
     step_size = lr
     if relative_step:
         step_size = min(1e-6 * step if warmup_init else 1e-2, 1.0 / math.sqrt(step))
-    beta2t = 1.0 - math.pow(step, decay_rate)  # increasing decay: 1 - t^-0.8
-    tensors = (param, grad, state.get("exp_avg_sq_row"), state.get("exp_avg_sq_col"), state.get("exp_avg_sq"),
-               state.get("exp_avg"))
-    if core is adafactor_core_:
-        state["RMS"] = core(*tensors, step_size, beta2t, eps=eps, clip_threshold=clip_threshold, beta1=beta1,
-                            weight_decay=weight_decay, scale_parameter=scale_parameter)
-    else:
-        state["RMS"] = core(*tensors, scalar(step_size, param.device), scalar(beta2t, param.device))
+    return step_size, 1.0 - math.pow(step, decay_rate)
 
 
 class Adafactor(torch.optim.Optimizer):
@@ -152,11 +129,10 @@ class Adafactor(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             live = [p for p in group["params"] if p.grad is not None]
-            core = adafactor_core_
-            if live and group_impl(self.impl, live, "eager") == "fused":  # tensors keep their shapes (row/col means)
-                core = compiled(adafactor_core_, eps=tuple(group["eps"]), clip_threshold=group["clip_threshold"],
-                                beta1=group["beta1"], weight_decay=group["weight_decay"],
-                                scale_parameter=group["scale_parameter"])
+            fused = bool(live) and group_impl(self.impl, live, "eager") == "fused"
+            static = dict(eps=tuple(group["eps"]), clip_threshold=group["clip_threshold"], beta1=group["beta1"],
+                          weight_decay=group["weight_decay"], scale_parameter=group["scale_parameter"])
+            entries, states, masters = [], [], []
             for p in live:
                 if p.grad.is_sparse:
                     raise RuntimeError("Adafactor does not support sparse gradients")
@@ -171,13 +147,22 @@ class Adafactor(torch.optim.Optimizer):
                         state["exp_avg_sq_col"] = grad.new_zeros(grad.shape[:-2] + grad.shape[-1:])
                     else:
                         state["exp_avg_sq"] = torch.zeros_like(grad)
+                state["step"] += 1
                 master = p.float() if p.dtype in (torch.float16, torch.bfloat16) else p
-                adafactor_update_(
-                    master, grad, state, lr=float(group["lr"]), eps=group["eps"],
-                    clip_threshold=group["clip_threshold"], decay_rate=group["decay_rate"], beta1=group["beta1"],
-                    weight_decay=group["weight_decay"], scale_parameter=group["scale_parameter"],
-                    relative_step=group["relative_step"], warmup_init=group["warmup_init"], core=core,
-                )
+                entries.append(((master, grad, state.get("exp_avg_sq_row"), state.get("exp_avg_sq_col"),
+                                 state.get("exp_avg_sq"), state.get("exp_avg")),
+                                adafactor_scalars(state["step"], lr=float(group["lr"]), decay_rate=group["decay_rate"],
+                                                  relative_step=group["relative_step"],
+                                                  warmup_init=group["warmup_init"])))
+                states.append(state)
+                masters.append((p, master))
+            if not entries:
+                continue
+            # tensors keep their shapes: a matrix's statistics are its row and column means
+            for state, rms in zip(states, apply_updates(adafactor_core_, entries, fused=fused, static=static,
+                                                        flatten=False)):
+                state["RMS"] = rms
+            for p, master in masters:
                 if master is not p:
                     p.copy_(master)
         return loss

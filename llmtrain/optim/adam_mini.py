@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from llmtrain.optim._common import check_betas, check_positive, group_impl, resolve_compiled_impl
-from llmtrain.optim.compiled import compiled, scalar
+from llmtrain.optim.compiled import apply_updates
 
 FULL = 0  # block_rows value meaning "per coordinate" (plain Adam)
 
@@ -43,9 +43,9 @@ def adam_mini_update_(
     exp_avg: torch.Tensor,
     v: torch.Tensor,
     step_size: float | torch.Tensor,
-    bias_correction2_sqrt: float | torch.Tensor,
-    block_rows: int,
+    inv_bias_correction2_sqrt: float | torch.Tensor,
     *,
+    block_rows: int,
     lr: float | torch.Tensor,
     beta1: float,
     beta2: float,
@@ -54,13 +54,14 @@ def adam_mini_update_(
 ) -> None:
     """m ← β1·m + (1-β1)·g;  v_b ← β2·v_b + (1-β2)·mean_b(g²);  θ ← θ(1-lr·λ) - lr·m̂/(√v̂_b + ε).
 
-    ``step_size`` = lr/(1-β1ᵗ) and ``bias_correction2_sqrt`` = √(1-β2ᵗ) are computed on the host (a
-    power of a 0-dim tensor in a compiled graph is recomputed per element); they and ``lr`` may be
-    0-dim tensors (the compiled path, ``llmtrain.optim.compiled``)."""
+    ``step_size`` = lr/(1-β1ᵗ) and ``inv_bias_correction2_sqrt`` = 1/√(1-β2ᵗ) are computed on the host
+    (a power of a 0-dim tensor in a compiled graph is recomputed per element, and a product is
+    cheaper than a vector divide); they and ``lr`` may be 0-dim tensors (the compiled path,
+    ``llmtrain.optim.compiled``)."""
     param.mul_(1.0 - lr * weight_decay)
     exp_avg.lerp_(grad, 1.0 - beta1)
     v.mul_(beta2).add_(block_mean_sq(grad, block_rows), alpha=1.0 - beta2)
-    denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+    denom = (v.sqrt() * inv_bias_correction2_sqrt).add_(eps)
     if block_rows > 0 and param.ndim >= 2:
         shaped = exp_avg.reshape(denom.shape[0], -1)
         param.sub_((shaped / denom).reshape(param.shape).mul_(step_size))
@@ -146,8 +147,7 @@ class AdamMini(torch.optim.Optimizer):
             live = [p for p in group["params"] if p.grad is not None]
             fused = bool(live) and group_impl(self.impl, live, "eager") == "fused"
             hyper = dict(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
-            if fused:
-                lr = scalar(group["lr"], live[0].device)
+            by_rows: dict[int, list] = {}  # block_rows shapes the graph, so it is static
             for p in live:
                 state = self.state[p]
                 if "exp_avg" not in state:
@@ -157,12 +157,11 @@ class AdamMini(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p)
                     state["v"] = torch.zeros_like(block_mean_sq(p.grad, state["block_rows"]))
                 state["step"] += 1
-                tensors = (p, p.grad, state["exp_avg"], state["v"])
                 t = state["step"]
-                corrections = (float(group["lr"]) / (1.0 - beta1**t), math.sqrt(1.0 - beta2**t))
-                if fused:  # block_rows shapes the graph, so it is static; tensors keep their shapes
-                    compiled(adam_mini_update_, block_rows=state["block_rows"], **hyper)(
-                        *tensors, *(scalar(c, p.device) for c in corrections), lr=lr)
-                else:
-                    adam_mini_update_(*tensors, *corrections, state["block_rows"], lr=float(group["lr"]), **hyper)
+                by_rows.setdefault(state["block_rows"], []).append(
+                    ((p, p.grad, state["exp_avg"], state["v"]),
+                     (float(group["lr"]) / (1.0 - beta1**t), 1.0 / math.sqrt(1.0 - beta2**t))))
+            for rows, entries in by_rows.items():  # tensors keep their shapes (blocks are rows)
+                apply_updates(adam_mini_update_, entries, fused=fused, static=dict(block_rows=rows, **hyper),
+                              shared=dict(lr=float(group["lr"])), flatten=False)
         return loss

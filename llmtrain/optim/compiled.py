@@ -1,4 +1,4 @@
-"""Compiled per-tensor optimizer updates: the ``impl="fused"`` path of optimizers torch has no kernel for.
+"""Compiled optimizer updates: the ``impl="fused"`` path of optimizers torch has no kernel for.
 
 Why: on a CPU an optimizer step is memory traffic. The foreach path makes one pass over memory per
 operation (an Adam-like step is about ten passes); inductor fuses a whole update into one loop
@@ -6,18 +6,20 @@ that reads each operand once and writes each result once - what torch's hand-wri
 ``_fused_adamw_`` does. On CUDA inductor emits the same fusion as a Triton kernel.
 
 An update is the optimizer's own per-tensor function (``lion_update_``, ...), so eager and fused
-run one rule. ``compiled(fn, **static)`` returns it compiled with two kinds of arguments:
+run one rule. ``apply_updates(fn, entries, fused=..., static=..., shared=...)`` runs it over a
+parameter group with three kinds of arguments:
 
 * static keywords (betas, eps, flags) are fixed for a run and baked into the graph;
-* everything else is a tensor: the parameter and its states, flattened to 1-D where the rule is
-  elementwise, and 0-dim float64 tensors (``scalar``) for what a schedule changes - lr, the step
-  count, bias corrections - so a new lr is new data for the same graph, never a recompile.
+* tensors: the parameter and its states, flattened to 1-D where the rule is elementwise;
+* floats a schedule changes - lr, bias corrections of each tensor's step - enter as 0-dim
+  float64 tensors, so a new lr is new data for the same graph, never a recompile.
 
-Shapes are dynamic, so one graph serves every tensor of a model: the compile cost (seconds) is
-paid once per (rule, static values, tensor rank), not per parameter shape, which is what lets
-``impl="auto"`` choose it. Each cache key gets its own copy of the function's code object:
-dynamo keeps graphs and counts recompiles per code object, so two optimizers (or two groups with
-different betas) never exhaust one shared recompile budget and fall back to eager silently.
+Tensors of the same layout are updated together, a chunk of up to ``CHUNK`` per call of one
+graph, compiled with static shapes once per (rule, static values, layout, chunk length). A model
+has a handful of distinct shapes, so a run compiles a handful of small graphs (seconds each on a
+2-core CPU, paid at the first step, which is why ``impl="auto"`` compiles only big groups). Each
+graph gets its own copy of the function's code object: dynamo keeps graphs and counts recompiles
+per code object, so graphs never exhaust one shared recompile budget and fall back to eager.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import os
 import shutil
 import types
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -34,10 +36,6 @@ import torch
 # a few ms either way, so eager wins over any run a user would make at that size.
 AUTO_MIN_NUMEL = 1 << 22
 
-# Tensors at least this big get their own graph, traced on a large tensor (see ``compiled``).
-PARALLEL_MIN_NUMEL = 1 << 16
-
-_CACHE: dict[tuple, Callable] = {}
 
 
 def compile_available() -> bool:
@@ -55,35 +53,8 @@ def auto_compiles(numel: int) -> bool:
 
 
 def _fresh_copy(fn: Callable) -> Callable:
-    """``fn`` with its own code object (see the module docstring: one dynamo cache per key)."""
+    """``fn`` with its own code object (see the module docstring: one dynamo cache per graph)."""
     return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-
-
-def compiled(fn: Callable, **static: Any) -> Callable:
-    """``fn`` compiled once for these static keyword values; call it with tensors only.
-
-    Inductor sizes a dynamic-shape kernel's parallel loops by the shape it first sees, so a graph
-    first traced on a 256-element norm weight runs a 10M-element matrix on one thread. Small and
-    large tensors therefore get separate graphs, and the on-disk FX graph cache is off for these
-    updates: it cannot tell those variants apart, and a cached small-tensor kernel made AdaBelief's
-    step 3x slower (64 ms instead of 22 ms on the 26.7M-parameter bench set).
-    """
-    key = (fn, tuple(sorted(static.items())))
-    out = _CACHE.get(key)
-    if out is None:
-        graphs: dict[bool, Callable] = {}
-
-        def out(*tensors, **tensor_kwargs):
-            large = tensors[0].numel() >= PARALLEL_MIN_NUMEL
-            graph = graphs.get(large)
-            if graph is None:
-                graph = graphs[large] = torch.compile(_fresh_copy(fn), fullgraph=True, dynamic=True,
-                                                      options={"fx_graph_cache": False})
-            return graph(*tensors, **tensor_kwargs, **static)
-
-        out.graphs = graphs  # type: ignore[attr-defined]  (tests look at which variants exist)
-        _CACHE[key] = out
-    return out
 
 
 def scalar(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -101,6 +72,75 @@ def flat(*tensors: torch.Tensor | None) -> tuple:
     return tensors
 
 
+# Same-layout tensors of a group are updated by one compiled graph per chunk of at most this many:
+# one call instead of eight (each call of a compiled function costs ~30 us of guards and
+# wrappers, which for a 75-tensor model was a fifth of an AdaBelief step), while a graph stays
+# small enough to compile in a few seconds (inductor's scheduler is superlinear in graph size).
+CHUNK = 8
+
+_CHUNK_GRAPHS: dict[tuple, Callable] = {}
+
+
+def _chunk_runner(fn: Callable, static: dict) -> Callable:
+    def run_chunk(entries, per_tensor, shared):
+        return [fn(*tensors, *(() if per_tensor is None else per_tensor[i].unbind()), **shared, **static)
+                for i, tensors in enumerate(entries)]
+    return run_chunk
+
+
+def _layout(tensors: tuple) -> tuple:
+    return tuple(None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.device) for t in tensors)
+
+
+def apply_updates(
+    fn: Callable,
+    entries: list[tuple[tuple, tuple]],
+    *,
+    fused: bool,
+    static: dict,
+    shared: dict | None = None,
+    flatten: bool = True,
+) -> list:
+    """Run the per-tensor rule ``fn`` over one parameter group; returns its results in order.
+
+    ``entries`` are ``(tensors, per_tensor)`` pairs: the tensors ``fn`` updates (``None`` for an
+    absent state) and the floats that differ per tensor (bias corrections of its own step count).
+    ``shared`` holds the floats every tensor uses (lr), ``static`` the hyperparameters fixed for
+    the run. Eager: ``fn(*tensors, *per_tensor, **shared, **static)`` per entry. Fused: entries of
+    the same layout (shapes, strides, dtypes; 1-D views when ``flatten`` and the rule is
+    elementwise) are run in chunks of ``CHUNK`` by a graph compiled once per (rule, static values,
+    layout, chunk length), with every float passed as 0-dim float64 tensor data, so a schedule
+    never recompiles. Shapes are static in these graphs: inductor sizes each loop for its tensor.
+    """
+    shared = shared or {}
+    if not fused:
+        return [fn(*tensors, *per_tensor, **shared, **static) for tensors, per_tensor in entries]
+    device = next(t for t in entries[0][0] if t is not None).device
+    shared_t = {key: scalar(value, device) for key, value in shared.items()}
+    buckets: dict[tuple, list[int]] = {}
+    views = [flat(*tensors) if flatten else tuple(tensors) for tensors, _ in entries]
+    for i, tensors in enumerate(views):
+        buckets.setdefault((_layout(tensors), len(entries[i][1])), []).append(i)
+    static_key = tuple(sorted(static.items()))
+    results: list = [None] * len(entries)
+    for (layout, n_per), indices in buckets.items():
+        for start in range(0, len(indices), CHUNK):
+            chunk = indices[start:start + CHUNK]
+            key = (fn, static_key, layout, n_per, len(chunk))
+            graph = _CHUNK_GRAPHS.get(key)
+            if graph is None:
+                graph = _CHUNK_GRAPHS[key] = torch.compile(_fresh_copy(_chunk_runner(fn, static)), fullgraph=True,
+                                                            dynamic=False)
+            per_tensor = None
+            if n_per:
+                per_tensor = torch.tensor([entries[i][1] for i in chunk], dtype=torch.float64, device=device)
+            out = graph([views[i] for i in chunk], per_tensor, shared_t)
+            for i, value in zip(chunk, out):
+                results[i] = value
+    return results
+
+
+
 def cached_graphs(fn: Callable | None = None) -> int:
-    """How many (rule, static values) keys hold a compiled graph (for ``fn``, or in all)."""
-    return sum(1 for key in _CACHE if fn is None or key[0] is fn)
+    """How many compiled graphs exist (for the rule ``fn``, or in all)."""
+    return sum(1 for key in _CHUNK_GRAPHS if fn is None or key[0] is fn)

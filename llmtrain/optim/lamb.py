@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from llmtrain.optim._common import check_betas, check_positive, group_impl, resolve_compiled_impl
-from llmtrain.optim.compiled import compiled, flat, scalar
+from llmtrain.optim.compiled import apply_updates
 
 
 def lamb_update_(
@@ -22,8 +22,8 @@ def lamb_update_(
     grad: torch.Tensor,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
-    bias_correction1: float | torch.Tensor,
-    bias_correction2: float | torch.Tensor,
+    inv_bias_correction1: float | torch.Tensor,
+    inv_bias_correction2: float | torch.Tensor,
     *,
     lr: float | torch.Tensor,
     beta1: float,
@@ -35,15 +35,15 @@ def lamb_update_(
 ) -> None:
     """r = m̂/(√v̂ + ε) + λθ;  θ ← θ - lr·φ(‖θ‖)/‖r‖·r, φ(x) = min(x, clamp_value), ratio 1 if a norm is 0.
 
-    ``bias_correction1/2`` are 1-β1ᵗ and 1-β2ᵗ, computed on the host (a power of a 0-dim tensor in a
-    compiled graph is recomputed per element); they and ``lr`` may be 0-dim tensors (the compiled
-    path, ``llmtrain.optim.compiled``)."""
+    ``inv_bias_correction1/2`` are 1/(1-β1ᵗ) and 1/(1-β2ᵗ), computed on the host (a power of a 0-dim
+    tensor in a compiled graph is recomputed per element, and a product is cheaper than a vector
+    divide); they and ``lr`` may be 0-dim tensors (the compiled path, ``llmtrain.optim.compiled``)."""
     exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
     m, v = exp_avg, exp_avg_sq
     if bias_correction:
-        m = m / bias_correction1
-        v = v / bias_correction2
+        m = m * inv_bias_correction1
+        v = v * inv_bias_correction2
     update = m / v.sqrt().add_(eps)
     if weight_decay != 0.0:
         update.add_(param, alpha=weight_decay)
@@ -92,8 +92,7 @@ class Lamb(torch.optim.Optimizer):
             fused = bool(live) and group_impl(self.impl, live, "eager") == "fused"
             hyper = dict(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                          bias_correction=group["bias_correction"], clamp_value=group["clamp_value"])
-            if fused:
-                update, lr = compiled(lamb_update_, **hyper), scalar(group["lr"], live[0].device)
+            entries = []
             for p in live:
                 state = self.state[p]
                 if "exp_avg" not in state:
@@ -101,10 +100,10 @@ class Lamb(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
-                tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
-                corrections = (1.0 - beta1 ** state["step"], 1.0 - beta2 ** state["step"])
-                if fused:  # the norms are over the whole tensor, so a 1-D view changes nothing
-                    update(*flat(*tensors), *(scalar(c, p.device) for c in corrections), lr=lr)
-                else:
-                    lamb_update_(*tensors, *corrections, lr=float(group["lr"]), **hyper)
+                t = state["step"]
+                # the norms are over the whole tensor, so a 1-D view changes nothing
+                entries.append(((p, p.grad, state["exp_avg"], state["exp_avg_sq"]),
+                                (1.0 / (1.0 - beta1**t), 1.0 / (1.0 - beta2**t))))
+            if entries:
+                apply_updates(lamb_update_, entries, fused=fused, static=hyper, shared=dict(lr=float(group["lr"])))
         return loss

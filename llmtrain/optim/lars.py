@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from llmtrain.optim._common import check_positive, group_impl, resolve_compiled_impl
-from llmtrain.optim.compiled import compiled, scalar
+from llmtrain.optim.compiled import apply_updates
 
 
 def lars_update_(
@@ -82,14 +82,13 @@ class LARS(torch.optim.Optimizer):
             fused = bool(live) and group_impl(self.impl, live, "eager") == "fused"
             hyper = dict(momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"],
                          weight_decay=group["weight_decay"], trust_coefficient=group["trust_coefficient"])
-            if fused:
-                update, lr = compiled(lars_update_, **hyper), scalar(group["lr"], live[0].device)
+            entries = []
             for p in live:
                 state = self.state[p]
                 if group["momentum"] > 0 and "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
-                if fused:  # not flattened: matrices and vectors follow different rules
-                    update(p, p.grad, state.get("momentum_buffer"), lr=lr)
-                else:
-                    lars_update_(p, p.grad, state.get("momentum_buffer"), lr=float(group["lr"]), **hyper)
+                entries.append(((p, p.grad, state.get("momentum_buffer")), ()))
+            if entries:  # not flattened: matrices and vectors follow different rules
+                apply_updates(lars_update_, entries, fused=fused, static=hyper, shared=dict(lr=float(group["lr"])),
+                              flatten=False)
         return loss

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from llmtrain.optim._common import check_betas, check_positive, group_impl, load_kernel, resolve_compiled_impl
-from llmtrain.optim.compiled import compiled, flat, scalar
+from llmtrain.optim.compiled import apply_updates
 from llmtrain.optim.kernels import triton_usable
 
 
@@ -53,11 +53,10 @@ def lion_step(
     if impl == "eager":
         for p, g, m in zip(params, grads, exp_avgs):
             lion_update_(p, g, m, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize)
-    elif impl == "fused":  # one inductor-fused loop per tensor (llmtrain.optim.compiled)
-        update = compiled(lion_update_, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize)
-        lr_t = scalar(lr, params[0].device)
-        for p, g, m in zip(params, grads, exp_avgs):
-            update(*flat(p, g, m), lr=lr_t)
+    elif impl == "fused":  # inductor-fused loops, a graph per chunk of same-shape tensors (llmtrain.optim.compiled)
+        apply_updates(lion_update_, [((p, g, m), ()) for p, g, m in zip(params, grads, exp_avgs)], fused=True,
+                      static=dict(beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize),
+                      shared=dict(lr=lr))
     elif impl == "triton":
         load_kernel("lion", "fused_lion_")(
             params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize

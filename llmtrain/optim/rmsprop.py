@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from llmtrain.optim._common import check_positive, group_impl, resolve_compiled_impl
-from llmtrain.optim.compiled import compiled, flat, scalar
+from llmtrain.optim.compiled import apply_updates
 
 
 def rmsprop_update_(
@@ -87,8 +87,7 @@ class RMSprop(torch.optim.Optimizer):
             fused = bool(live) and group_impl(self.impl, live, "eager") == "fused"
             hyper = dict(alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
                          momentum=group["momentum"], maximize=group["maximize"])
-            if fused:
-                update, lr = compiled(rmsprop_update_, **hyper), scalar(group["lr"], live[0].device)
+            entries = []
             for p in live:
                 state = self.state[p]
                 if "square_avg" not in state:
@@ -99,9 +98,7 @@ class RMSprop(torch.optim.Optimizer):
                     if group["centered"]:
                         state["grad_avg"] = torch.zeros_like(p)
                 state["step"] += 1
-                tensors = (p, p.grad, state["square_avg"], state.get("grad_avg"), state.get("momentum_buffer"))
-                if fused:
-                    update(*flat(*tensors), lr=lr)
-                else:
-                    rmsprop_update_(*tensors, lr=float(group["lr"]), **hyper)
+                entries.append(((p, p.grad, state["square_avg"], state.get("grad_avg"), state.get("momentum_buffer")), ()))
+            if entries:
+                apply_updates(rmsprop_update_, entries, fused=fused, static=hyper, shared=dict(lr=float(group["lr"])))
         return loss

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from llmtrain.optim._common import check_betas, check_positive, group_impl, resolve_compiled_impl
-from llmtrain.optim.compiled import compiled, flat, scalar
+from llmtrain.optim.compiled import apply_updates
 
 
 def schedulefree_adamw_update_(
@@ -30,16 +30,17 @@ def schedulefree_adamw_update_(
     ckp1: float | torch.Tensor,
     beta1: float,
     beta2: float,
-    bias_correction2: float | torch.Tensor,
+    inv_bias_correction2: float | torch.Tensor,
     eps: float,
     weight_decay: float,
 ) -> None:
     """ĝ = g/(√(v/(1-β2ᵗ)) + ε) + λy;  x_{t+1} = (1-c)x_t + c·z_{t+1}, z_{t+1} = z_t - lr·ĝ,
     written directly on y = (1-β1)z + β1x so x never needs its own buffer.
 
-    ``lr``, ``ckp1`` and ``bias_correction2`` may be 0-dim tensors (the compiled path)."""
+    ``inv_bias_correction2`` is 1/(1-β2ᵗ) (a product is cheaper than a vector divide); it, ``lr``
+    and ``ckp1`` may be 0-dim tensors (the compiled path)."""
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    denom = exp_avg_sq.div(bias_correction2).sqrt_().add_(eps)
+    denom = exp_avg_sq.mul(inv_bias_correction2).sqrt_().add_(eps)
     normalized = grad.div(denom)
     if weight_decay != 0.0:
         normalized.add_(y, alpha=weight_decay)
@@ -117,21 +118,17 @@ class ScheduleFreeAdamW(torch.optim.Optimizer):
             group["weight_sum"] = group["weight_sum"] + weight
             ckp1 = weight / group["weight_sum"] if group["weight_sum"] else 0.0
             live = [p for p in group["params"] if p.grad is not None]
-            scalars = dict(lr=lr, ckp1=ckp1, bias_correction2=1.0 - beta2 ** (k + 1))
             hyper = dict(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
             fused = bool(live) and group_impl(self.impl, live, "eager") == "fused"
-            if fused:
-                update = compiled(schedulefree_adamw_update_, **hyper)
-                scalars = {key: scalar(value, live[0].device) for key, value in scalars.items()}
+            entries = []
             for p in live:
                 state = self.state[p]
                 if "z" not in state:
                     state["z"] = torch.clone(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                tensors = (p, p.grad, state["z"], state["exp_avg_sq"])
-                if fused:
-                    update(*flat(*tensors), **scalars)
-                else:
-                    schedulefree_adamw_update_(*tensors, **scalars, **hyper)
+                entries.append(((p, p.grad, state["z"], state["exp_avg_sq"]), ()))
+            if entries:
+                apply_updates(schedulefree_adamw_update_, entries, fused=fused, static=hyper,
+                              shared=dict(lr=lr, ckp1=ckp1, inv_bias_correction2=1.0 / (1.0 - beta2 ** (k + 1))))
             group["k"] = k + 1
         return loss

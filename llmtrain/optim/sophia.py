@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from llmtrain.optim._common import check_betas, check_positive, group_impl, resolve_compiled_impl
-from llmtrain.optim.compiled import compiled, flat, scalar
+from llmtrain.optim.compiled import apply_updates
 from llmtrain.optim.protocol import StepContext
 
 
@@ -106,17 +106,14 @@ class SophiaG(torch.optim.Optimizer):
             fused = bool(live) and group_impl(self.impl, live, "eager") == "fused"
             hyper = dict(beta1=group["betas"][0], rho=group["rho"], weight_decay=group["weight_decay"],
                          maximize=group["maximize"])
-            if fused:  # bs is data too: it is measured after the first Hessian refresh
-                update = compiled(sophiag_update_, **hyper)
-                lr, bs = scalar(group["lr"], live[0].device), scalar(group["bs"], live[0].device)
+            entries = []
             for p in live:
                 state = self._state(p)
                 state["step"] += 1
-                tensors = (p, p.grad, state["exp_avg"], state["hessian"])
-                if fused:
-                    update(*flat(*tensors), lr=lr, bs=bs)
-                else:
-                    sophiag_update_(*tensors, lr=float(group["lr"]), bs=group["bs"], **hyper)
+                entries.append(((p, p.grad, state["exp_avg"], state["hessian"]), ()))
+            if entries:  # bs is data too: it is measured after the first Hessian refresh
+                apply_updates(sophiag_update_, entries, fused=fused, static=hyper,
+                              shared=dict(lr=float(group["lr"]), bs=float(group["bs"])))
         return loss
 
     def after_step(self, ctx: StepContext) -> None:
