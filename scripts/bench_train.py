@@ -3,8 +3,9 @@
 Both sides train the identical model (``llmtrain.export.to_hf`` copies llmtrain's initial weights
 into the HF model, so the logits agree to 1e-4), on the identical batch, with the same loss
 (token cross-entropy on fp32 logits) and AdamW hyperparameters. llmtrain's side is what its
-trainer runs: ``build_optimizer`` parameter groups with ``impl=auto`` AdamW (torch's fused kernel)
-and, with ``--compile`` on, the model under ``torch.compile`` (``train.compile=true``); the HF side
+trainer runs: ``build_optimizer`` parameter groups with ``impl=auto`` AdamW (torch's fused kernel),
+fp32 CPU linears through oneDNN (``train.cpu_matmul=auto``; a second row with ``aten`` shows what
+that is worth) and, with ``--compile`` on, the model under ``torch.compile`` (``train.compile=true``); the HF side
 is the common baseline: eager HF model, ``torch.optim.AdamW(foreach=True)`` over all parameters.
 
 Rounds interleave the variants (the machine is shared); each row is the median over rounds of the
@@ -44,12 +45,17 @@ def model_config(name: str, vocab_size: int):
 class Variant:
     """One training setup: a forward function, its parameters' optimizer, and timings per step."""
 
-    def __init__(self, label: str, forward: Callable[[torch.Tensor], torch.Tensor], optimizer):
+    def __init__(self, label: str, forward: Callable[[torch.Tensor], torch.Tensor], optimizer,
+                 cpu_matmul: str = "auto"):
         self.label, self.forward, self.optimizer = label, forward, optimizer
+        self.cpu_matmul = cpu_matmul  # llmtrain's linears only; the HF model's nn.Linear ignores it
         self.step_ms: list[float] = []
         self.opt_ms: list[float] = []
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
+        from llmtrain.models.linear import set_cpu_matmul
+
+        set_cpu_matmul(self.cpu_matmul)
         start = time.perf_counter()
         logits = self.forward(x)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
@@ -77,16 +83,18 @@ def build_variants(args) -> tuple[list[Variant], dict]:
     variants = [Variant("HF LlamaForCausalLM + torch AdamW (foreach)", lambda x: hf(input_ids=x).logits,
                         torch.optim.AdamW(hf.parameters(), lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95),
                                           foreach=True))]
-    if args.compile in ("off", "both"):
-        import copy
+    import copy
 
-        eager_model = copy.deepcopy(ours) if args.compile == "both" else ours
-        variants.append(Variant("llmtrain (eager model, optim impl=auto)", eager_model,
-                                build_optimizer(optim, eager_model)))
+    if args.compile in ("off", "both"):
+        # the default (oneDNN linears on CPU), and aten's matmuls to show what that part is worth
+        for backend in ("auto", "aten"):
+            model = copy.deepcopy(ours)
+            variants.append(Variant(f"llmtrain (eager model, train.cpu_matmul={backend}, optim impl=auto)", model,
+                                    build_optimizer(optim, model), cpu_matmul=backend))
     if args.compile in ("on", "both"):
-        compiled = torch.compile(ours)
-        variants.append(Variant("llmtrain (train.compile=true, optim impl=auto)", compiled,
-                                build_optimizer(optim, ours)))
+        model = copy.deepcopy(ours)
+        variants.append(Variant("llmtrain (train.compile=true, optim impl=auto)", torch.compile(model),
+                                build_optimizer(optim, model)))
     return variants, info
 
 
