@@ -27,6 +27,20 @@ def _rms(t: torch.Tensor) -> torch.Tensor:
     return t.norm(2) / (t.numel() ** 0.5)
 
 
+def _mean_over_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x.mean(dim=-2)``, summed in blocks of at most 4096 rows when the row count has such a divisor.
+
+    Inductor's CPU reduction over more than 4096 elements keeps a cascade-sum helper per output
+    lane, which made the column means of a 16384-row embedding 2.6x slower than the rest of the
+    update; blocks keep each reduction short (and the sum as accurate)."""
+    rows = x.shape[-2]
+    block = next((b for b in range(min(rows, 4096), 255, -1) if rows % b == 0), rows)
+    if block == rows:
+        return x.mean(dim=-2)
+    blocks = x.reshape(*x.shape[:-2], rows // block, block, x.shape[-1])
+    return blocks.sum(dim=-2).sum(dim=-2) / rows
+
+
 def adafactor_core_(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -56,7 +70,7 @@ def adafactor_core_(
         grad_sq = grad * grad
         rms = ((param * param).sum(dim=-1).sum() / param.numel()).sqrt()
         exp_avg_sq_row.mul_(beta2t).add_((grad_sq + eps[0]).mean(dim=-1) * (1.0 - beta2t))
-        exp_avg_sq_col.mul_(beta2t).add_((grad_sq + eps[0]).mean(dim=-2) * (1.0 - beta2t))
+        exp_avg_sq_col.mul_(beta2t).add_(_mean_over_rows(grad_sq + eps[0]) * (1.0 - beta2t))
         row_factor = (exp_avg_sq_row / exp_avg_sq_row.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1)
         col_factor = exp_avg_sq_col.rsqrt().unsqueeze(-2)
         update_sq_sum = ((grad_sq * col_factor.square()).sum(dim=-1, keepdim=True) * row_factor.square()).sum()
