@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from llmtrain.data.config import DataConfig
 from llmtrain.errors import ConfigError, choices
 from llmtrain.models.config import ModelConfig
-from llmtrain.models.linear import CPU_MATMULS
+from llmtrain.models.linear import check_cpu_matmul
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SCHEDULES = ("constant", "linear", "cosine", "wsd", "inv_sqrt", "cosine_restarts")
@@ -161,7 +161,7 @@ def validate(cfg: RootConfig, dp_world_size: int = 1) -> None:
         _check_positive(f"train.{key}", getattr(t, key), allow_zero=True)
     _check_positive("train.grad_clip", t.grad_clip, allow_zero=True)
     _check_choice("train.precision", t.precision, PRECISIONS)
-    _check_choice("train.cpu_matmul", t.cpu_matmul, CPU_MATMULS)
+    check_cpu_matmul(t.cpu_matmul)
     per_step = t.micro_batch_size * dp_world_size
     if t.global_batch_size % per_step:
         raise ConfigError(

@@ -129,3 +129,17 @@ def test_compiles_and_matches_eager():
     torch.testing.assert_close(out, eager_out)
     torch.testing.assert_close(grads[0], eager_grads[0])
     torch.testing.assert_close(layer.weight.grad, eager_wgrad)
+
+
+def test_onednn_request_without_onednn_fails_at_validation(monkeypatch):
+    """config validation (before any data is prepared) refuses onednn on a torch without it;
+    auto falls back to F.linear there."""
+    from llmtrain.cli import compose
+    from llmtrain.models import linear as module
+
+    monkeypatch.setattr(module, "_ONEDNN", False)
+    with pytest.raises(ConfigError) as info:
+        compose(["train.cpu_matmul=onednn"])
+    assert info.value.key == "train.cpu_matmul" and "no oneDNN" in str(info.value)
+    compose(["train.cpu_matmul=auto"])
+    assert cpu_matmul() == "aten"

@@ -28,7 +28,6 @@ CPU_MATMULS = ("auto", "onednn", "aten")
 
 _backend = "auto"
 
-
 # Read once: torch.compile refuses to trace torch.backends.mkldnn.is_available().
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -37,14 +36,19 @@ def onednn_available() -> bool:
     return _ONEDNN
 
 
-def set_cpu_matmul(backend: str) -> None:
-    """``auto``: fp32 CPU linears through oneDNN when torch has it, else ``F.linear``; ``onednn``: the
-    same, but a torch built without oneDNN is an error; ``aten``: always ``F.linear``."""
-    global _backend
+def check_cpu_matmul(backend: str) -> None:
+    """``train.cpu_matmul`` is one of ``CPU_MATMULS``, and ``onednn`` only where torch has oneDNN."""
     if backend not in CPU_MATMULS:
         raise ConfigError("train.cpu_matmul", f"got {backend!r}, expected {choices(CPU_MATMULS)}")
     if backend == "onednn" and not onednn_available():
         raise ConfigError("train.cpu_matmul", "onednn: this torch build has no oneDNN (mkldnn); use auto or aten")
+
+
+def set_cpu_matmul(backend: str) -> None:
+    """``auto``: fp32 CPU linears through oneDNN when torch has it, else ``F.linear``; ``onednn``: the
+    same, but a torch built without oneDNN is an error; ``aten``: always ``F.linear``."""
+    global _backend
+    check_cpu_matmul(backend)
     _backend = backend
 
 
