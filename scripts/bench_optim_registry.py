@@ -11,10 +11,11 @@ A shared machine is noisy, so the cases are interleaved: each of ``--repeats`` r
 optimizer afresh, runs ``--warmup`` steps, then times ``--steps`` steps; a row reports the median
 over rounds of each round's median. The ratios (speed-up over the reference, × torch fused AdamW)
 are medians of per-round ratios between neighbouring timings: every timing is preceded by one of
-torch's fused AdamW, which cancels the slow drift of a shared machine. The first step of the first round (state allocation, and the
-one-off ``torch.compile`` of a compiled update) is reported separately. Shampoo/SOAP/GaLore
-recompute preconditioners every k steps: the timed steps exclude that refresh; its cost (measured
-on the warmup step, which refreshes) is reported and amortised over k.
+torch's fused AdamW, which cancels the slow drift of a shared machine. The first step of the first
+round (state allocation, and the one-off ``torch.compile`` of a compiled update) is reported
+separately. Shampoo/SOAP/GaLore recompute preconditioners every k steps: the timed steps exclude
+that refresh; its cost (measured on the warmup step, which refreshes) is reported and amortised
+over k.
 
     python scripts/bench_optim_registry.py --threads 2                  # CPU, 25M
     python scripts/bench_optim_registry.py --only adamw,lion,muon --repeats 1

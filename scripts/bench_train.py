@@ -19,6 +19,7 @@ ratio to the HF baseline. The one-off compile time of the compiled variant is pr
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -83,8 +84,6 @@ def build_variants(args) -> tuple[list[Variant], dict]:
     variants = [Variant("HF LlamaForCausalLM + torch AdamW (foreach)", lambda x: hf(input_ids=x).logits,
                         torch.optim.AdamW(hf.parameters(), lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95),
                                           foreach=True))]
-    import copy
-
     if args.compile in ("off", "both"):
         # the default (oneDNN linears on CPU), and aten's matmuls to show what that part is worth
         for backend in ("auto", "aten"):

@@ -37,7 +37,6 @@ import torch
 AUTO_MIN_NUMEL = 1 << 22
 
 
-
 def compile_available() -> bool:
     """Inductor needs a C++ compiler on CPU; ``LLMTRAIN_NO_COMPILE=1`` turns the path off."""
     if os.environ.get("LLMTRAIN_NO_COMPILE") == "1":
@@ -138,7 +137,6 @@ def apply_updates(
             for i, value in zip(chunk, out):
                 results[i] = value
     return results
-
 
 
 def cached_graphs(fn: Callable | None = None) -> int:
