@@ -13,6 +13,15 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 REPO = Path(__file__).resolve().parent.parent
 
+
+def torchrun_env() -> dict[str, str]:
+    """Environment for launching llmtrain or tests/dist_worker.py as a subprocess: one thread per
+    rank, no W&B, the repo importable, no WORLD_SIZE leaking in. PYTHONFAULTHANDLER: a rank that
+    aborts in C++ still prints where Python was."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(REPO), PYTHONFAULTHANDLER="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
 _WORDS = (
     "the king queen lord lady speak night day love death sword crown heart fair good sweet "
     "come go know thou thee thy shall will not what why how where here there now then and "

@@ -12,21 +12,25 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _load(name: str):
-    sys.path.insert(0, str(REPO / "scripts"))
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture
-def restore_modules():
+def load(monkeypatch):
+    """Import a script by name; afterwards sys.path (the scripts put their own folders on it) and
+    sys.modules are as before."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    loaded = []
+
+    def _load(name: str):
+        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+        loaded.append(name)
+        spec.loader.exec_module(module)
+        return module
+
     before = set(sys.modules)
-    yield
+    yield _load
     for name in set(sys.modules) - before:
-        if name in ("bench_optim_registry", "bench_train", "bench_optim"):
+        if name in (*loaded, "bench_optim", "reference_muon"):
             sys.modules.pop(name, None)
 
 
@@ -35,8 +39,8 @@ def _row(table: str, name: str) -> list[str]:
     return [cell.strip() for cell in line.split("|")[1:-1]]
 
 
-def test_registry_bench_table(tmp_path, restore_modules):
-    bench = _load("bench_optim_registry")
+def test_registry_bench_table(tmp_path, load):
+    bench = load("bench_optim_registry")
     out = tmp_path / "registry.md"
     assert bench.main(["--size", "1M", "--only", "adamw,lion,muon", "--repeats", "1", "--warmup", "1",
                        "--steps", "1", "--markdown", str(out)]) == 0
@@ -48,14 +52,14 @@ def test_registry_bench_table(tmp_path, restore_modules):
     assert "Newton–Schulz is" in table and "GFLOP/s" in table
 
 
-def test_newton_schulz_flops_by_hand(restore_modules):
-    bench = _load("bench_optim_registry")
+def test_newton_schulz_flops_by_hand(load):
+    bench = load("bench_optim_registry")
     # 5 iterations on a 2x3 matrix: 4*2*2*3 + 2*2^3 = 64 FLOPs each; transposed shapes count the same
     assert bench.newton_schulz_gflop([(2, 3)]) == bench.newton_schulz_gflop([(3, 2)]) == 5 * 64 / 1e9
 
 
-def test_train_bench_table(tmp_path, restore_modules):
-    bench = _load("bench_train")
+def test_train_bench_table(tmp_path, load):
+    bench = load("bench_train")
     out = tmp_path / "train.md"
     assert bench.main(["--batch", "1", "--seq", "16", "--vocab", "256", "--rounds", "1", "--steps", "1",
                        "--compile", "off", "--threads", "1", "--markdown", str(out)]) == 0

@@ -9,7 +9,6 @@ run as a two-"node" job rendezvousing on 127.0.0.1.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, tiny_overrides
+from conftest import REPO, tiny_overrides, torchrun_env
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
@@ -50,25 +49,18 @@ def overrides(corpus, cache, run_dir, optim: str, **extra) -> list[str]:
     return args
 
 
-def env() -> dict[str, str]:
-    # PYTHONFAULTHANDLER: a rank that aborts in C++ still prints where Python was.
-    e = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(REPO), PYTHONFAULTHANDLER="1")
-    e.pop("WORLD_SIZE", None)
-    return e
-
-
 def check(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
 def run_single(args: list[str]) -> None:
-    check(subprocess.run([sys.executable, "-m", "llmtrain", *args], cwd=REPO, env=env(),
+    check(subprocess.run([sys.executable, "-m", "llmtrain", *args], cwd=REPO, env=torchrun_env(),
                          capture_output=True, text=True, timeout=TIMEOUT))
 
 
 def run_torchrun(args: list[str], nproc: int = 2) -> None:
     cmd = [*TORCHRUN, f"--nproc_per_node={nproc}", f"--master_port={free_port()}", "-m", "llmtrain", *args]
-    check(subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=TIMEOUT))
+    check(subprocess.run(cmd, cwd=REPO, env=torchrun_env(), capture_output=True, text=True, timeout=TIMEOUT))
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -134,7 +126,7 @@ def test_two_node_launch_matches_one(reference, corpus, data_cache, tmp_path):
     args = overrides(corpus, data_cache, tmp_path, "adamw", **{"distributed.strategy": "hsdp"})
     procs = [subprocess.Popen([*TORCHRUN, "--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1",
                                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=llmtrain-test",
-                               "-m", "llmtrain", *args], cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                               "-m", "llmtrain", *args], cwd=REPO, env=torchrun_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     outs = [p.communicate(timeout=TIMEOUT) for p in procs]
     for p, (out, err) in zip(procs, outs):
@@ -217,7 +209,7 @@ def test_failing_rank_stops_the_job(corpus, data_cache, tmp_path):
                                                                       "distributed.timeout_s": 60})
     cmd = [*TORCHRUN, "--nproc_per_node=2", f"--master_port={free_port()}", str(script), *args]
     start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=TIMEOUT)
+    proc = subprocess.run(cmd, cwd=REPO, env=torchrun_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode != 0
     assert "injected failure on rank 1" in proc.stdout + proc.stderr
     assert time.monotonic() - start < 120

@@ -4,7 +4,6 @@ registry optimizer under fsdp and zero1 on 2 ranks against DDP and one process (
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -18,7 +17,8 @@ from llmtrain.errors import ConfigError
 from llmtrain.optim import OPTIMIZERS
 from llmtrain.optim.sharded import assign_owners, shard_optimizer, whole_tensor_groups
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import torchrun_env
+
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
 # Optimizers that draw random numbers from the global generator inside step() (PSGD-Kron's probe
 # vectors): owners draw them for their own parameters only, so the sequence differs from DDP's.
@@ -90,7 +90,7 @@ def test_every_optimizer_runs_exactly_or_refuses(strategy, tmp_path):
     """
     out = tmp_path / "matrix.json"
     spec = {"mode": "matrix", "strategy": strategy, "optims": sorted(OPTIMIZERS), "out": str(out)}
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONFAULTHANDLER="1")
+    env = torchrun_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(WORKER), json.dumps(spec)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -118,7 +118,7 @@ def test_every_optimizer_runs_exactly_or_refuses(strategy, tmp_path):
 def run_worker(spec: dict, tmp_path: Path, nproc: int) -> list[float]:
     out = tmp_path / f"{spec['strategy']}_{nproc}.json"
     spec = {**spec, "out": str(out)}
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONFAULTHANDLER="1")
+    env = torchrun_env()
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                 f"--master_port={free_port()}"] if nproc > 1 else [sys.executable]
     proc = subprocess.run([*launcher, str(WORKER), json.dumps(spec)], cwd=tmp_path, env=env,
