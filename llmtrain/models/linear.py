@@ -4,8 +4,8 @@ Why: torch's CPU build sends fp32 ``mm`` to MKL, and MKL picks its AVX2 kernels 
 (shipped inside torch as ``torch.ops.mkldnn``) uses AVX-512 wherever the CPU has it. Measured on the
 2-core AMD EPYC (AVX-512) of the README, ``llama_tiny`` shapes: the forward matmul 4.67 → 1.76 ms,
 the input gradient 3.92 → 1.86 ms, the weight gradient 4.06 → 2.95 ms; the whole training step
-about 1.4x faster (``scripts/bench_train.py``). It is the same fp32 arithmetic in another summation
-order (differences ~1e-6 relative), not a reduced-precision mode.
+1.3-1.4x faster (``scripts/bench_train.py``: 410 -> 308 ms). It is the same fp32 arithmetic in
+another summation order (differences ~1e-6 relative), not a reduced-precision mode.
 
 The backend is a process-wide switch like ``torch.backends`` flags (``set_cpu_matmul``, set by the
 trainer from ``train.cpu_matmul``). oneDNN is used only where it computes what ``F.linear`` would:
