@@ -44,24 +44,19 @@ def load_kernel(module: str, function: str) -> Callable:
         ) from None
 
 
-# Inductor's CPU reductions over more than 4096 elements keep a cascade-sum helper per vector lane
-# (for accuracy), which measured 2-3x slower than the loads they reduce; summing blocks of at most
-# this many elements and then the block sums avoids it and is as accurate.
-SHORT_REDUCTION = 4096
-
-
-def reduction_block(n: int) -> int:
-    """The largest divisor of ``n`` in [256, SHORT_REDUCTION], or ``n`` itself when there is none."""
-    return next((b for b in range(min(n, SHORT_REDUCTION), 255, -1) if n % b == 0), n)
+# Inductor's CPU float32 sums over more than 4096 elements keep a cascade-sum helper per vector
+# lane (for accuracy), which measured 2x slower than the loads they reduce (6.3M elements: 0.87 vs
+# 0.45 ms); a float64 accumulator is as accurate, as fast as the loads, and still fuses into one
+# loop with the elementwise work that produces the summand.
+def sum_sq(x: torch.Tensor) -> torch.Tensor:
+    """Σ x² over all elements as a 0-dim tensor of ``x``'s dtype, accumulated in float64 on CPU."""
+    acc = torch.float64 if x.device.type == "cpu" else torch.float32
+    return (x * x).sum(dtype=acc).to(x.dtype)
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
-    """‖x‖₂ over all elements, summed in short blocks (see ``SHORT_REDUCTION``)."""
-    n = x.numel()
-    block = reduction_block(n)
-    if block == n:
-        return torch.linalg.vector_norm(x)
-    return (x * x).reshape(n // block, block).sum(dim=1).sum().sqrt()
+    """‖x‖₂ over all elements (``sum_sq``)."""
+    return sum_sq(x).sqrt()
 
 
 def check_positive(name: str, value: float, *, allow_zero: bool = True) -> None:

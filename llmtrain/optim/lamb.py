@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from llmtrain.optim._common import check_betas, check_positive, group_impl, resolve_compiled_impl
+from llmtrain.optim._common import check_betas, check_positive, group_impl, norm, resolve_compiled_impl
 from llmtrain.optim.compiled import apply_updates
 
 
@@ -32,12 +32,14 @@ def lamb_update_(
     weight_decay: float,
     bias_correction: bool,
     clamp_value: float,
-) -> None:
+) -> torch.Tensor:
     """r = m̂/(√v̂ + ε) + λθ;  θ ← θ - lr·φ(‖θ‖)/‖r‖·r, φ(x) = min(x, clamp_value), ratio 1 if a norm is 0.
 
     ``inv_bias_correction1/2`` are 1/(1-β1ᵗ) and 1/(1-β2ᵗ), computed on the host (a power of a 0-dim
     tensor in a compiled graph is recomputed per element, and a product is cheaper than a vector
-    divide); they and ``lr`` may be 0-dim tensors (the compiled path, ``llmtrain.optim.compiled``)."""
+    divide); they and ``lr`` may be 0-dim tensors (the compiled path, ``llmtrain.optim.compiled``).
+    Returns lr·trust ratio: as a graph output it is computed once, where inductor would otherwise
+    recompute its two square roots and a divide for every 16 elements of the second pass."""
     exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
     m, v = exp_avg, exp_avg_sq
@@ -47,12 +49,14 @@ def lamb_update_(
     update = m / v.sqrt().add_(eps)
     if weight_decay != 0.0:
         update.add_(param, alpha=weight_decay)
-    weight_norm = torch.linalg.norm(param).clamp(max=clamp_value)
-    update_norm = torch.linalg.norm(update)
+    weight_norm = norm(param).clamp(max=clamp_value)
+    update_norm = norm(update)
     trust_ratio = torch.where(
         (weight_norm > 0) & (update_norm > 0), weight_norm / (update_norm + eps), torch.ones_like(weight_norm)
     )
-    param.sub_(update.mul_(trust_ratio).mul_(lr))
+    step_size = trust_ratio * lr
+    param.sub_(update.mul_(step_size))
+    return step_size
 
 
 class Lamb(torch.optim.Optimizer):
