@@ -42,10 +42,10 @@ def test_factored_state_is_tiny():
     assert Adafactor.state_bytes_per_param < 0.1
 
 
-@pytest.mark.parametrize("shape", [(8192, 3), (5, 4), (4099, 2), (2, 12288, 3)])
+@pytest.mark.parametrize("shape", [(8192, 3), (384, 5), (48, 4), (5, 4), (4099, 2), (2, 12288, 3)])
 def test_blocked_column_mean_equals_mean(shape):
-    """Column means summed in row blocks (a faster CPU kernel) equal mean(dim=-2), for row counts with
-    a divisor <= 4096, without one (4099 is prime), and with a leading batch dimension."""
+    """Column means summed in row blocks (a faster CPU kernel) equal mean(dim=-2): 64-row blocks,
+    32- or 16-row blocks, none (5 rows; 4099 is prime), and with a leading batch dimension."""
     from llmtrain.optim.adafactor import _mean_over_rows
 
     x = torch.rand(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

@@ -51,7 +51,7 @@ def adam_mini_update_(
     beta2: float,
     eps: float,
     weight_decay: float,
-) -> None:
+) -> Optional[torch.Tensor]:
     """m ← β1·m + (1-β1)·g;  v_b ← β2·v_b + (1-β2)·mean_b(g²);  θ ← θ(1-lr·λ) - lr·m̂/(√v̂_b + ε).
 
     ``step_size`` = lr/(1-β1ᵗ) and ``inv_bias_correction2_sqrt`` = 1/√(1-β2ᵗ) are computed on the host
@@ -63,10 +63,12 @@ def adam_mini_update_(
     v.mul_(beta2).add_(block_mean_sq(grad, block_rows), alpha=1.0 - beta2)
     denom = (v.sqrt() * inv_bias_correction2_sqrt).add_(eps)
     if block_rows > 0 and param.ndim >= 2:
-        shaped = exp_avg.reshape(denom.shape[0], -1)
-        param.sub_((shaped / denom).reshape(param.shape).mul_(step_size))
-    else:
-        param.sub_(exp_avg.div(denom).mul_(step_size))
+        # one step size per block, returned so a compiled graph stores it instead of dividing per element
+        block_step = denom.reciprocal().mul_(step_size)
+        param.sub_((exp_avg.reshape(denom.shape[0], -1) * block_step).reshape(param.shape))
+        return block_step
+    param.sub_(exp_avg.div(denom).mul_(step_size))
+    return None
 
 
 def block_layout(model: nn.Module) -> dict[int, int]:
