@@ -8,14 +8,15 @@ AdamW the rest. All optimizers step the same shared tensors (each keeps its own 
 memory held is one model plus one optimizer at a time.
 
 A shared machine is noisy, so the cases are interleaved: each of ``--repeats`` rounds builds every
-optimizer afresh, runs ``--warmup`` steps, then times ``--steps`` steps; a row reports the median
-over rounds of each round's median. The ratios (speed-up over the reference, × torch fused AdamW)
-are medians of per-round ratios between neighbouring timings: every timing is preceded by one of
-torch's fused AdamW, which cancels the slow drift of a shared machine. The first step of the first
-round (state allocation, and the one-off ``torch.compile`` of a compiled update) is reported
-separately. Shampoo/SOAP/GaLore recompute preconditioners every k steps: the timed steps exclude
-that refresh; its cost (measured on the warmup step, which refreshes) is reported and amortised
-over k.
+optimizer afresh, runs ``--warmup`` steps, then times ``--steps`` steps, each alternated with a
+step of torch's fused AdamW on the same parameters; a row reports the median over rounds of each
+round's median. × AdamW is the median over rounds of (median step ÷ median of the alternated AdamW
+steps), and the speed-up over the reference the ratio of the two × AdamW of a round: memory
+bandwidth on a shared VM drifts by 20-30% over minutes, and alternating steps cancels it. The
+first step of the first round (state allocation, and the one-off ``torch.compile`` of a compiled
+update) is reported separately. Shampoo/SOAP/GaLore recompute preconditioners every k steps: the
+timed steps exclude that refresh; its cost (measured on the first step, which refreshes) is
+reported and amortised over k.
 
     python scripts/bench_optim_registry.py --threads 2                  # CPU, 25M
     python scripts/bench_optim_registry.py --only adamw,lion,muon --repeats 1
@@ -39,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_optim import MODEL_SHAPES, llama_shapes, time_ms  # noqa: E402
+from bench_optim import MODEL_SHAPES, _sync, llama_shapes  # noqa: E402
 
 Groups = list[dict]
 
@@ -227,6 +228,10 @@ CASES: list[Case] = [
 
 # --- timing ------------------------------------------------------------------------------------
 
+# every timing is paired with this one's reference: torch's fused AdamW
+BASELINE = next(c for c in CASES if c.name == "adamw")
+
+
 def _impl_label(opt) -> str:
     impl = getattr(opt, "impl", None)
     if impl is None:
@@ -238,9 +243,9 @@ def _impl_label(opt) -> str:
     return "/".join(sorted({group_impl("auto", g["params"], "eager") for g in opt.param_groups}))
 
 
-def run_round(ps: ParamSet, case: Case, which: str, warmup: int, steps: int, first: dict) -> Optional[float]:
+def _build(ps: ParamSet, case: Case, which: str, first: dict):
+    """The optimizer, stepped once (state allocation; a compiled update's one-off compile), or None."""
     make = case.ours if which == "ours" else case.ref
-    device = ps.params[0].device
     try:
         opt = make(ps)
     except Unavailable as why:
@@ -255,23 +260,43 @@ def run_round(ps: ParamSet, case: Case, which: str, warmup: int, steps: int, fir
             timer = getattr(opt, "precondition_timer", None)
             if timer is not None:
                 first[(case.name, "refresh_ms")] = timer.last_refresh_ms
-    ms = time_ms(opt.step, device, max(warmup - 1, 0), steps)
+    return opt
+
+
+def run_pair(ps: ParamSet, case: Case, which: str, warmup: int, steps: int, first: dict
+             ) -> Optional[tuple[float, float]]:
+    """(median ms of ``case``'s step, median ms of torch fused AdamW's) with the two stepped in
+    alternation, so both medians come from the same minutes of a shared machine."""
+    device = ps.params[0].device
+    opt = _build(ps, case, which, first)
+    if opt is None:
+        return None
+    base = BASELINE.ref(ps)
+    base.step()
+    ms: dict[str, list[float]] = {"case": [], "base": []}
+    for i in range(max(warmup - 1, 0) + steps):
+        for key, o in (("base", base), ("case", opt)):
+            _sync(device)
+            start = time.perf_counter()
+            o.step()
+            _sync(device)
+            if i >= max(warmup - 1, 0):
+                ms[key].append((time.perf_counter() - start) * 1e3)
     if which == "ours" and case.name == "muon":
         first.setdefault("muon_split", []).append(dict(opt.last_step_ms))
-    del opt
+    del opt, base
     gc.collect()
-    return ms
+    return statistics.median(ms["case"]), statistics.median(ms["base"])
 
 
 def bench(cases: list[Case], ps: ParamSet, repeats: int, warmup: int, steps: int) -> tuple[dict, dict, dict]:
-    """Median ms per (case, ours|ref), and median ratios measured pairwise within a round: each
-    timing next to its own torch fused AdamW timing (``(name, which)``: × AdamW) and ours next to
-    the reference (``(name, "speedup")``). The shared VM drifts by 20% over minutes; a ratio of
-    neighbours does not."""
+    """Median ms per (case, ours|ref), and median ratios: ``(name, which)`` is the case's time over
+    torch fused AdamW's, stepped in alternation with it (``run_pair``); ``(name, "speedup")`` is the
+    reference's ratio over ours, from the same round. The shared VM drifts by 20% over minutes;
+    a ratio of interleaved steps does not."""
     times: dict[tuple[str, str], list[float]] = {}
     ratios: dict[tuple[str, str], list[float]] = {}
     first: dict = {}
-    baseline = next(c for c in cases if c.name == "adamw")
     for r in range(repeats):
         for case in cases:
             this_round = {}
@@ -280,13 +305,13 @@ def bench(cases: list[Case], ps: ParamSet, repeats: int, warmup: int, steps: int
                     continue
                 # a round is at most one step shorter than a refresh period, so no refresh is timed
                 n = min(steps, case.refresh_every - 2) if case.refresh_every else steps
-                base_ms = run_round(ps, baseline, "ref", warmup, steps, first)
-                ms = run_round(ps, case, which, warmup, n, first)
-                if ms is not None:
+                pair = run_pair(ps, case, which, warmup, n, first)
+                if pair is not None:
+                    ms, base_ms = pair
                     times.setdefault((case.name, which), []).append(ms)
                     ratios.setdefault((case.name, which), []).append(ms / base_ms)
-                    this_round[which] = ms
-                print(f"round {r + 1}/{repeats}: {case.name} {which} {ms}", file=sys.stderr, flush=True)
+                    this_round[which] = ms / base_ms
+                print(f"round {r + 1}/{repeats}: {case.name} {which} {pair}", file=sys.stderr, flush=True)
             if len(this_round) == 2:
                 ratios.setdefault((case.name, "speedup"), []).append(this_round["ref"] / this_round["ours"])
     median = lambda d: {k: statistics.median(v) for k, v in d.items()}  # noqa: E731
@@ -374,7 +399,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--only", default="", help="comma-separated registry names")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     args = parser.parse_args(argv)
@@ -391,7 +416,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(header, file=sys.stderr)
     ms, ratio, first = bench(cases, ps, args.repeats, args.warmup, args.steps)
     out = (f"{header}; median of {args.repeats} interleaved rounds × {args.steps} steps; speed-up and × AdamW "
-           f"are medians of ratios to a timing made just before in the same round\n\n"
+           f"are medians over rounds of ratios to torch fused AdamW steps alternated with the timed ones\n\n"
            + table(cases, ms, ratio, first) + "\nTargets:\n" + targets(cases, ms, ratio, first))
     print(out)
     if args.markdown:
