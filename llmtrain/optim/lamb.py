@@ -17,6 +17,19 @@ from llmtrain.optim._common import check_betas, check_positive, group_impl, norm
 from llmtrain.optim.compiled import apply_updates
 
 
+def _direction(param, exp_avg, exp_avg_sq, inv_bias_correction1, inv_bias_correction2, *, eps: float,
+               weight_decay: float, bias_correction: bool) -> torch.Tensor:
+    """Adam's direction m̂/(√v̂ + ε) plus λθ."""
+    m, v = exp_avg, exp_avg_sq
+    if bias_correction:
+        m = m * inv_bias_correction1
+        v = v * inv_bias_correction2
+    update = m / v.sqrt().add_(eps)
+    if weight_decay != 0.0:
+        update.add_(param, alpha=weight_decay)
+    return update
+
+
 def lamb_update_(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -42,20 +55,21 @@ def lamb_update_(
     recompute its two square roots and a divide for every 16 elements of the second pass."""
     exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    m, v = exp_avg, exp_avg_sq
-    if bias_correction:
-        m = m * inv_bias_correction1
-        v = v * inv_bias_correction2
-    update = m / v.sqrt().add_(eps)
-    if weight_decay != 0.0:
-        update.add_(param, alpha=weight_decay)
+    direction = _direction(param, exp_avg, exp_avg_sq, inv_bias_correction1, inv_bias_correction2, eps=eps,
+                           weight_decay=weight_decay, bias_correction=bias_correction)
     weight_norm = norm(param).clamp(max=clamp_value)
-    update_norm = norm(update)
+    update_norm = norm(direction)
     trust_ratio = torch.where(
         (weight_norm > 0) & (update_norm > 0), weight_norm / (update_norm + eps), torch.ones_like(weight_norm)
     )
     step_size = trust_ratio * lr
-    param.sub_(update.mul_(step_size))
+    if torch.compiler.is_compiling():
+        # traced again rather than kept: the compiled graph then allocates no parameter-sized buffer
+        # per step (fresh pages from the OS, zeroed: 40 vs 27 ms/step on the bench set) and reads
+        # m, v and θ once more instead of writing and reading a copy (44 B/param instead of 40)
+        direction = _direction(param, exp_avg, exp_avg_sq, inv_bias_correction1, inv_bias_correction2, eps=eps,
+                               weight_decay=weight_decay, bias_correction=bias_correction)
+    param.sub_(direction.mul_(step_size))
     return step_size
 
 
