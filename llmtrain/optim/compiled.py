@@ -14,6 +14,10 @@ parameter group with three kinds of arguments:
 * floats a schedule changes - lr, bias corrections of each tensor's step - enter as 0-dim
   float64 tensors, so a new lr is new data for the same graph, never a recompile.
 
+A rule may return tensors: a graph's outputs are stored, where an intermediate is inlined into
+every loop that uses it. Rules return their per-tensor scalars and per-row/column factors (LAMB's
+trust ratio, Adafactor's factors) so that they are computed once, not per element.
+
 Tensors of the same layout are updated together, a chunk of up to ``CHUNK`` per call of one
 graph, compiled with static shapes once per (rule, static values, layout, chunk length). A model
 has a handful of distinct shapes, so a run compiles a handful of small graphs (seconds each on a
