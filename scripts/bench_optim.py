@@ -16,6 +16,7 @@ State bytes/param is the optimizer's own state (``llmtrain.optim.protocol.state_
     python scripts/bench_optim.py                        # CPU: 10M and 25M; CUDA: 10M ... 1B
     python scripts/bench_optim.py --sizes 125M --steps 20 --cases adamw
     python scripts/bench_optim.py --markdown bench.md    # also write the tables as markdown
+    python scripts/bench_optim.py --registry             # = scripts/bench_optim_registry.py
 
 Add a row with one more ``BenchCase`` in ``CASES`` (issue 10: every registry optimizer vs its
 reference package): a label, the bytes-per-parameter rule, and a factory from parameters to an
@@ -256,7 +257,16 @@ def device_name(device: torch.device) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--registry" in argv:  # every registry optimizer against its reference package: one table
+        argv.remove("--registry")
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_optim_registry import main as registry_main
+
+        return registry_main(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     epilog="--registry [options of bench_optim_registry.py]: every registry "
+                                            "optimizer at impl=auto against its reference package instead")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", default=None, help="comma-separated, from " + ", ".join(MODEL_SHAPES))
     parser.add_argument("--cases", default="", help="only cases whose label contains one of these (comma-separated)")

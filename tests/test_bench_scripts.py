@@ -1,5 +1,6 @@
-"""scripts/bench_optim_registry.py and scripts/bench_train.py run end to end on CPU and fill their
-tables (the numbers are measurements, not asserted; their README copies are from real runs)."""
+"""scripts/bench_optim_registry.py (also run as bench_optim.py --registry) and scripts/bench_train.py
+run end to end on CPU and fill their tables (the numbers are measurements, not asserted; their
+README copies are from real runs)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,15 @@ def test_registry_bench_table(tmp_path, load):
         assert float(cells[2]) > 0 and float(cells[5]) > 0, cells  # ours and the reference both measured
     assert "KellerJordan MuonWithAuxAdam" in _row(table, "muon")[4]
     assert "Newton–Schulz is" in table and "GFLOP/s" in table
+
+
+def test_bench_optim_registry_flag(tmp_path, load):
+    """``bench_optim.py --registry`` (the issue's name for the registry table) runs the registry bench."""
+    bench = load("bench_optim")
+    out = tmp_path / "registry.md"
+    assert bench.main(["--registry", "--size", "1M", "--only", "adamw", "--repeats", "1", "--warmup", "1",
+                       "--steps", "1", "--markdown", str(out)]) == 0
+    assert "| adamw | fused |" in out.read_text()
 
 
 def test_newton_schulz_flops_by_hand(load):
