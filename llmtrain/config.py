@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from llmtrain.data.config import DataConfig
 from llmtrain.errors import ConfigError, choices
 from llmtrain.models.config import ModelConfig
-from llmtrain.models.linear import check_cpu_matmul
+from llmtrain.cpu_matmul import check_cpu_matmul
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SCHEDULES = ("constant", "linear", "cosine", "wsd", "inv_sqrt", "cosine_restarts")

@@ -23,7 +23,7 @@ from llmtrain.config import RootConfig, validate
 from llmtrain.distributed import all_reduce_mean, barrier, comm_bytes, grad_sync, init_distributed, parallelize, shutdown, unwrap
 from llmtrain.errors import ConfigError, ResourceError
 from llmtrain.logging import RunLogger
-from llmtrain.models.linear import set_cpu_matmul
+from llmtrain.cpu_matmul import set_cpu_matmul
 from llmtrain.optim.protocol import StepContext, state_bytes
 from llmtrain.optim.sharded import shard_optimizer
 from llmtrain.schedules import lr_factor

@@ -54,7 +54,7 @@ class Variant:
         self.opt_ms: list[float] = []
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
-        from llmtrain.models.linear import set_cpu_matmul
+        from llmtrain.cpu_matmul import set_cpu_matmul
 
         set_cpu_matmul(self.cpu_matmul)
         start = time.perf_counter()

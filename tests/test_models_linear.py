@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from llmtrain.errors import ConfigError
 from llmtrain.models import ModelConfig, build_model
-from llmtrain.models.linear import Linear, cpu_matmul, linear, onednn_available, set_cpu_matmul
+from llmtrain.cpu_matmul import cpu_matmul, onednn_available, set_cpu_matmul
+from llmtrain.models.linear import Linear, linear
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
 
@@ -134,8 +135,8 @@ def test_compiles_and_matches_eager():
 def test_onednn_request_without_onednn_fails_at_validation(monkeypatch):
     """config validation (before any data is prepared) refuses onednn on a torch without it;
     auto falls back to F.linear there."""
+    from llmtrain import cpu_matmul as module
     from llmtrain.cli import compose
-    from llmtrain.models import linear as module
 
     monkeypatch.setattr(module, "_ONEDNN", False)
     with pytest.raises(ConfigError) as info:
