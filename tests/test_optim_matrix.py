@@ -8,6 +8,7 @@ import pytorch_optimizer as po
 import torch
 from torch import nn
 
+from llmtrain.cpu_matmul import onednn_available, set_cpu_matmul
 from llmtrain.models import build_model
 from llmtrain.optim import build_optimizer
 from llmtrain.optim.adam_mini import AdamMini
@@ -20,12 +21,51 @@ from optim_parity import assert_state_dict_round_trip, loss_fn, make_params, max
 # ------------------------------------------------------------------ SOAP
 
 
+@pytest.fixture
+def aten_matmul():
+    """The reference's own products (``train.cpu_matmul=aten``): these tiny problems have rank-deficient
+    statistics, whose null-space eigenvectors are arbitrary, so SOAP's basis there (and with it the
+    trajectory) follows the last bit of the products; oneDNN's summation order gives other bits."""
+    set_cpu_matmul("aten")
+    yield
+    set_cpu_matmul("auto")
+
+
+@pytest.mark.skipif(not onednn_available(), reason="torch without oneDNN")
+@pytest.mark.parametrize("name", ["soap", "shampoo"])
+def test_matrix_optimizer_products_through_onednn(name, monkeypatch):
+    """With cpu_matmul=onednn the preconditioner products go through oneDNN and, on full-rank
+    statistics (square matrices, distinct eigenvalues), track the BLAS products' trajectory."""
+    from llmtrain import cpu_matmul as module
+
+    calls = []
+    real = module.onednn_mm_t
+    monkeypatch.setattr(module, "onednn_mm_t", lambda a, b: calls.append(a.shape) or real(a, b))
+    make = {"soap": lambda p: SOAP(p, lr=1e-2, precondition_frequency=2),
+            "shampoo": lambda p: Shampoo(p, lr=1e-2, precondition_frequency=2, start_preconditioning_step=2)}[name]
+    finals = {}
+    for backend in ("aten", "onednn"):
+        set_cpu_matmul(backend)
+        calls.clear()
+        gen = torch.Generator().manual_seed(0)
+        params = [nn.Parameter(torch.randn(8, 8, generator=gen)) for _ in range(2)]
+        opt = make(params)
+        for _ in range(8):
+            for p in params:
+                p.grad = torch.randn(8, 8, generator=gen)
+            opt.step()
+        finals[backend] = torch.stack([p.detach() for p in params])
+        assert bool(calls) == (backend == "onednn")
+    set_cpu_matmul("auto")
+    torch.testing.assert_close(finals["onednn"], finals["aten"], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("kw", [
     dict(lr=3e-3, betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=3),
     dict(lr=1e-2, betas=(0.9, 0.99), shampoo_beta=0.9, weight_decay=0.0, precondition_frequency=1, normalize_grads=True),
     dict(lr=1e-2, precondition_frequency=2, max_precond_dim=5, correct_bias=False),
 ])
-def test_soap_matches_pytorch_optimizer(kw):
+def test_soap_matches_pytorch_optimizer(kw, aten_matmul):
     ref_kw = dict(kw)
     ref_kw["max_precondition_dim"] = ref_kw.pop("max_precond_dim", 10000)
     ref_kw["normalize_gradient"] = ref_kw.pop("normalize_grads", False)

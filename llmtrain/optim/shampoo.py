@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from llmtrain.cpu_matmul import mm
 from llmtrain.optim._common import RefreshTimer, check_betas, check_positive
 from llmtrain.optim.adam import adamw_group_step
 
@@ -36,13 +37,14 @@ def inverse_root(mat: torch.Tensor, root: int, epsilon: float) -> torch.Tensor:
 
 
 def shampoo_direction(momentum: torch.Tensor, roots: list) -> torch.Tensor:
-    """L^-¼·M·R^-¼, skipping a side whose root is [] (too large to precondition)."""
+    """L^-¼·M·R^-¼, skipping a side whose root is [] (too large to precondition); ``mm`` is oneDNN's
+    fp32 product on CPU (1.9x the BLAS on the README's machine)."""
     left, right = roots
     out = momentum
     if len(left) > 0:
-        out = left @ out
+        out = mm(left, out)
     if len(right) > 0:
-        out = out @ right
+        out = mm(out, right)
     return out
 
 
@@ -121,9 +123,9 @@ class Shampoo(torch.optim.Optimizer):
         state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
         left, right = state["stats"]
         if len(left) > 0:
-            left.mul_(beta2).add_(grad @ grad.T, alpha=1.0 - beta2)
+            left.mul_(beta2).add_(mm(grad, grad.T), alpha=1.0 - beta2)
         if len(right) > 0:
-            right.mul_(beta2).add_(grad.T @ grad, alpha=1.0 - beta2)
+            right.mul_(beta2).add_(mm(grad.T, grad), alpha=1.0 - beta2)
         if (t - 1) % group["precondition_frequency"] == 0 or t == group["start_preconditioning_step"]:
             state["roots"] = self.precondition_timer.time(
                 lambda: [inverse_root(s / bc2, 4, group["epsilon"]) if len(s) > 0 else [] for s in state["stats"]])

@@ -20,12 +20,19 @@ from typing import Optional
 
 import torch
 
+from llmtrain.cpu_matmul import mm
 from llmtrain.optim._common import RefreshTimer, check_betas, check_positive
 from llmtrain.optim.adam import adamw_group_step
 
 
 def project(x: torch.Tensor, Q: list, back: bool = False) -> torch.Tensor:
-    """Rotate every dimension of ``x`` into its eigenbasis (Qᵀ·) or back (Q·); [] = identity."""
+    """Rotate every dimension of ``x`` into its eigenbasis (Qᵀ·) or back (Q·); [] = identity.
+
+    A matrix with both bases is Q_Lᵀ·X·Q_R (or Q_L·X·Q_Rᵀ) as two ``mm``: oneDNN on CPU, 1.9x the
+    BLAS on the README's machine; other shapes go through ``tensordot`` one dimension at a time."""
+    if x.ndim == 2 and len(Q) == 2 and len(Q[0]) > 0 and len(Q[1]) > 0:
+        left, right = Q
+        return mm(mm(left, x), right.t()) if back else mm(mm(left.t(), x), right)
     for mat in Q:
         if len(mat) > 0:
             x = torch.tensordot(x, mat, dims=[[0], [1 if back else 0]])
@@ -53,7 +60,7 @@ def refresh_eigenbasis_qr(GG: list, Q: list, exp_avg_sq: torch.Tensor) -> tuple[
         if len(m) == 0:
             new_q.append([])
             continue
-        product = m @ o
+        product = mm(m, o)
         order = torch.argsort((o * product).sum(dim=0), descending=True)
         exp_avg_sq = exp_avg_sq.index_select(dim, order)
         q, _ = torch.linalg.qr(product.index_select(1, order).float())
@@ -65,8 +72,12 @@ def accumulate_statistics_(GG: list, grad: torch.Tensor, shampoo_beta: float) ->
     """GG[i] ← β·GG[i] + (1-β)·G_(i)·G_(i)ᵀ, contracting every dimension but i."""
     for idx, m in enumerate(GG):
         if len(m) > 0:
-            others = [*chain(range(idx), range(idx + 1, grad.ndim))]
-            m.lerp_(torch.tensordot(grad, grad, dims=[others, others]).to(m.dtype), 1.0 - shampoo_beta)
+            if grad.ndim == 2:
+                product = mm(grad, grad.t()) if idx == 0 else mm(grad.t(), grad)
+            else:
+                others = [*chain(range(idx), range(idx + 1, grad.ndim))]
+                product = torch.tensordot(grad, grad, dims=[others, others])
+            m.lerp_(product.to(m.dtype), 1.0 - shampoo_beta)
 
 
 class SOAP(torch.optim.Optimizer):
