@@ -144,3 +144,27 @@ def test_onednn_request_without_onednn_fails_at_validation(monkeypatch):
     assert info.value.key == "train.cpu_matmul" and "no oneDNN" in str(info.value)
     compose(["train.cpu_matmul=auto"])
     assert cpu_matmul() == "aten"
+
+
+@needs_onednn
+def test_cpu_mm_takes_onednn_only_for_whole_matrices(monkeypatch):
+    """``cpu_matmul.mm`` equals ``a @ b``; it takes oneDNN for row- or column-major matrices and the
+    BLAS for a strided submatrix (oneDNN's slow path for those took 550 ms a product)."""
+    from llmtrain import cpu_matmul as module
+
+    calls = []
+    real = module.onednn_mm_t
+    monkeypatch.setattr(module, "onednn_mm_t", lambda a, b: calls.append(a.shape) or real(a, b))
+    set_cpu_matmul("onednn")
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(7, 5, generator=gen), torch.randn(5, 6, generator=gen)
+    for x, y in ((a, b), (a.t().contiguous().t(), b), (a, b.t().contiguous().t())):
+        torch.testing.assert_close(module.mm(x, y), x @ y)
+    assert len(calls) == 3
+    square = torch.randn(6, 6, generator=gen).t()  # column-major
+    sliced = square[:4]  # rows of a column-major matrix: neither row- nor column-major as a whole
+    other = torch.randn(6, 3, generator=gen)
+    torch.testing.assert_close(module.mm(sliced, other), sliced @ other)
+    torch.testing.assert_close(module.mm(other.t(), sliced.t()), other.t() @ sliced.t())
+    assert len(calls) == 3
+    set_cpu_matmul("auto")
