@@ -14,6 +14,16 @@ os.environ.setdefault("WANDB_SILENT", "true")
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def _default_cpu_matmul():
+    """``train.cpu_matmul`` is a process-wide switch; a test that sets it (directly or through a
+    trainer) leaves the next test on the default, even when it fails."""
+    yield
+    from llmtrain.cpu_matmul import set_cpu_matmul
+
+    set_cpu_matmul("auto")
+
+
 def torchrun_env() -> dict[str, str]:
     """Environment for launching llmtrain or tests/dist_worker.py as a subprocess: one thread per
     rank, no W&B, the repo importable, no WORLD_SIZE leaking in. PYTHONFAULTHANDLER: a rank that

@@ -6,18 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llmtrain.cpu_matmul import cpu_matmul, onednn_available, set_cpu_matmul
 from llmtrain.errors import ConfigError
 from llmtrain.models import ModelConfig, build_model
-from llmtrain.cpu_matmul import cpu_matmul, onednn_available, set_cpu_matmul
 from llmtrain.models.linear import Linear, linear
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
-
-
-@pytest.fixture(autouse=True)
-def _restore_backend():
-    yield
-    set_cpu_matmul("auto")
 
 
 def _grads(fn, *tensors):
@@ -167,4 +161,3 @@ def test_cpu_mm_takes_onednn_only_for_whole_matrices(monkeypatch):
     torch.testing.assert_close(module.mm(sliced, other), sliced @ other)
     torch.testing.assert_close(module.mm(other.t(), sliced.t()), other.t() @ sliced.t())
     assert len(calls) == 3
-    set_cpu_matmul("auto")

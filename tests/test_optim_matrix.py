@@ -26,9 +26,7 @@ def aten_matmul():
     """The reference's own products (``train.cpu_matmul=aten``): these tiny problems have rank-deficient
     statistics, whose null-space eigenvectors are arbitrary, so SOAP's basis there (and with it the
     trajectory) follows the last bit of the products; oneDNN's summation order gives other bits."""
-    set_cpu_matmul("aten")
-    yield
-    set_cpu_matmul("auto")
+    set_cpu_matmul("aten")  # conftest puts the default back after the test
 
 
 @pytest.mark.skipif(not onednn_available(), reason="torch without oneDNN")
@@ -56,7 +54,6 @@ def test_matrix_optimizer_products_through_onednn(name, monkeypatch):
             opt.step()
         finals[backend] = torch.stack([p.detach() for p in params])
         assert bool(calls) == (backend == "onednn")
-    set_cpu_matmul("auto")
     torch.testing.assert_close(finals["onednn"], finals["aten"], rtol=1e-4, atol=1e-5)
 
 
