@@ -15,10 +15,10 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from llmtrain.cpu_matmul import check_cpu_matmul
 from llmtrain.data.config import DataConfig
 from llmtrain.errors import ConfigError, choices
 from llmtrain.models.config import ModelConfig
-from llmtrain.cpu_matmul import check_cpu_matmul
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SCHEDULES = ("constant", "linear", "cosine", "wsd", "inv_sqrt", "cosine_restarts")
@@ -50,7 +50,7 @@ class TrainConfig:
     sample_prompt: str = "ROMEO:"
     progress_bar: bool = True
     device: str = "auto"             # auto | cpu | cuda | cuda:N
-    cpu_matmul: str = "auto"         # auto | onednn | aten: backend of fp32 CPU linears (llmtrain.models.linear)
+    cpu_matmul: str = "auto"         # auto | onednn | aten: fp32 CPU linears, SOAP/Shampoo products (llmtrain.cpu_matmul)
 
 
 @dataclass

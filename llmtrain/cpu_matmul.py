@@ -40,15 +40,16 @@ def check_cpu_matmul(backend: str) -> None:
 
 
 def set_cpu_matmul(backend: str) -> None:
-    """``auto``: fp32 CPU linears through oneDNN when torch has it, else ``F.linear``; ``onednn``: the
-    same, but a torch built without oneDNN is an error; ``aten``: always ``F.linear``."""
+    """``auto``: fp32 CPU products (``linear``, ``mm``) through oneDNN when torch has it, else torch's
+    own ops; ``onednn``: the same, but a torch built without oneDNN is an error; ``aten``: always
+    torch's own ops (``F.linear``, ``torch.matmul``)."""
     global _backend
     check_cpu_matmul(backend)
     _backend = backend
 
 
 def cpu_matmul() -> str:
-    """The backend fp32 CPU linears use now: ``onednn`` or ``aten``."""
+    """The backend fp32 CPU products use now: ``onednn`` or ``aten``."""
     return "onednn" if _backend != "aten" and onednn_available() else "aten"
 
 
@@ -98,7 +99,7 @@ def uses_onednn(*tensors: torch.Tensor) -> bool:
 
 def _dense(t: torch.Tensor) -> bool:
     """A whole 2-D matrix in row- or column-major order: oneDNN's fast kernels take exactly these
-    (a column slice of a column-major matrix, e.g. the top singular vectors ``vh[:r]`` of an SVD,
+    (the first rows of a column-major matrix, e.g. the top singular vectors ``vh[:r]`` of an SVD,
     took 550 ms per product through oneDNN against 7 through the BLAS)."""
     return t.is_contiguous() or t.t().is_contiguous()
 

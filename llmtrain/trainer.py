@@ -20,10 +20,10 @@ from omegaconf import OmegaConf
 
 from llmtrain import checkpoint
 from llmtrain.config import RootConfig, validate
+from llmtrain.cpu_matmul import set_cpu_matmul
 from llmtrain.distributed import all_reduce_mean, barrier, comm_bytes, grad_sync, init_distributed, parallelize, shutdown, unwrap
 from llmtrain.errors import ConfigError, ResourceError
 from llmtrain.logging import RunLogger
-from llmtrain.cpu_matmul import set_cpu_matmul
 from llmtrain.optim.protocol import StepContext, state_bytes
 from llmtrain.optim.sharded import shard_optimizer
 from llmtrain.schedules import lr_factor
