@@ -30,6 +30,11 @@ class DataError(UserError):
     """A data file is missing, empty, malformed or does not match its metadata."""
 
 
+class CheckpointError(UserError):
+    """A checkpoint file is missing, truncated, fails its hash, or holds content that is refused
+    (anything that could run code when loaded). ``resume=auto`` sets such a checkpoint aside."""
+
+
 class ResourceError(UserError):
     """The machine cannot hold the requested run (memory, devices)."""
 
