@@ -9,6 +9,7 @@ batch divisibility, file paths, optimizer hyperparameter names. Every failure ra
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -130,8 +131,31 @@ def _one_line(err: OmegaConfBaseException) -> ConfigError:
     return ConfigError(key or "config", msg)
 
 
+def _unknown_key(node: Any, schema: type, prefix: str = "") -> Optional[tuple[str, list[str]]]:
+    """The first key of ``node`` that ``schema`` (a dataclass) does not define, with the keys it does.
+    Fields typed as dicts (``optim``, ``model.extra``) are open; ``+key=value`` cannot sneak past this."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(schema)
+    names = [f.name for f in dataclasses.fields(schema)]
+    for key in node:
+        if key not in hints:
+            return f"{prefix}{key}", names
+        child = node[key] if isinstance(node, (dict, DictConfig)) else None
+        if dataclasses.is_dataclass(hints[key]) and isinstance(child, (dict, DictConfig)):
+            found = _unknown_key(child, hints[key], f"{prefix}{key}.")
+            if found:
+                return found
+    return None
+
+
 def load_config(cfg: DictConfig | dict) -> RootConfig:
     """Merge a composed config onto the schema and validate it; raises ConfigError."""
+    unknown = _unknown_key(cfg, RootConfig)
+    if unknown:
+        key, known = unknown
+        raise ConfigError(key, f"unknown key; expected {choices(known)}")
     schema = OmegaConf.structured(RootConfig)
     try:
         merged = OmegaConf.merge(schema, cfg)
@@ -161,6 +185,8 @@ def validate(cfg: RootConfig, dp_world_size: int = 1) -> None:
         _check_positive(f"train.{key}", getattr(t, key), allow_zero=True)
     _check_positive("train.grad_clip", t.grad_clip, allow_zero=True)
     _check_choice("train.precision", t.precision, PRECISIONS)
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(t.device)):
+        raise ConfigError("train.device", f"got {t.device!r}, expected auto, cpu, cuda or cuda:N")
     check_cpu_matmul(t.cpu_matmul)
     per_step = t.micro_batch_size * dp_world_size
     if t.global_batch_size % per_step:

@@ -15,6 +15,10 @@ from conftest import REPO
 
 BAD = [
     (["train.max_stepz=10"], "train.max_stepz", "max_steps"),                    # unknown key, lists the known ones
+    (["+train.max_step=5"], "train.max_step", "max_steps"),                       # appended: refused the same way
+    (["+model.n_layer=2"], "model.n_layer", "n_layers"),
+    (["+foo=1"], "foo", "train"),
+    (["train.device=gpu"], "train.device", "cuda:N"),
     (["train.max_steps=ten"], "train.max_steps", "ten"),                          # wrong type
     (["schedule.name=cosin"], "schedule.name", "cosine"),                         # outside its set
     (["train.global_batch_size=10", "train.micro_batch_size=4"], "train.global_batch_size", "multiple of 4"),
@@ -47,6 +51,7 @@ def _run(args):
 @pytest.mark.parametrize("args,key", [
     (["schedule.name=cosin"], "schedule.name"),
     (["train.foo=1"], "train.foo"),
+    (["+train.max_step=5"], "train.max_step"),
     (["-m", "optim=adamw,adamx"], "optim"),
     (["train.global_batch_size=10", "train.micro_batch_size=4"], "train.global_batch_size"),
 ])
