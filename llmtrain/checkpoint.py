@@ -1,74 +1,49 @@
-"""Atomic checkpoints: save, find the newest valid one, resume.
+"""Checkpoint state: what a checkpoint holds, saving it, and restoring it on any world size.
 
 Layout: ``RUN_DIR/checkpoints/step_N/`` with ``model.pt`` (the unwrapped model's fp32
 state_dict), ``optim.pt`` (optimizer state_dict), ``trainer.pt`` (step, token count, RNG
-states, data-loader position, counters, W&B run id) and a ``COMPLETE`` marker written last.
+states, data-loader position, counters, W&B run id), ``config.yaml`` (the resolved config the run
+trained with) and a ``COMPLETE`` manifest written last (each file's size and sha256).
 Multi-process runs write ``dcp/`` (torch.distributed.checkpoint shards, one set per rank) in place
-of model.pt/optim.pt; ``restore`` loads either layout on any world size (see below).
-A checkpoint is written under ``.tmp_step_N`` and renamed into place, so a crash mid-save never
-leaves a directory that looks valid. Everything loads with ``weights_only=True``.
+of model.pt/optim.pt; ``restore`` loads either layout on any world size (see below). How a
+checkpoint reaches the disk (temporary name, fsync, manifest, rename, pruning) is
+``llmtrain.checkpoint_store``. Everything loads with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
 import random
-import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
+import yaml
 
-from llmtrain.errors import UserError
+from llmtrain.checkpoint_store import (  # noqa: F401  (re-exported: the checkpoint API users know)
+    MARKER, checkpoint_root, commit, files_under, hash_files, latest_checkpoint, list_checkpoints, prune, tmp_dir,
+    write_manifest,
+)
+from llmtrain.errors import CheckpointError, UserError
 
-MARKER = "COMPLETE"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def checkpoint_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Valid checkpoints (marker present), oldest first."""
-    root = checkpoint_root(run_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for path in root.iterdir():
-        match = _STEP_DIR.match(path.name)
-        if match and (path / MARKER).is_file():
-            found.append((int(match.group(1)), path))
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
+CONFIG_FILE = "config.yaml"
 
 
 def resolve_resume(resume: str, run_dir: str | Path) -> Optional[Path]:
-    """``auto`` -> newest valid checkpoint in run_dir (or None); ``never`` -> None; else a path."""
-    if resume == "never":
-        return None
-    if resume == "auto":
-        return latest_checkpoint(run_dir)
-    path = Path(resume)
-    if (path / MARKER).is_file():
-        return path
-    newest = latest_checkpoint(path)  # a run directory
-    if newest is None:
-        raise UserError("resume", f"{resume} is neither a complete checkpoint (with {MARKER}) nor a run dir containing one")
-    return newest
+    """The checkpoint ``resume`` (auto | never | PATH) starts from in ``run_dir``, if any."""
+    from llmtrain.lineage import choose
+
+    candidates = choose(resume, Path(run_dir)).candidates
+    return candidates[0] if candidates else None
 
 
 def _load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise UserError(str(path), "missing from checkpoint") from None
-    except Exception as err:  # corrupt or non-weights content
-        raise UserError(str(path), f"cannot be loaded with weights_only=True ({type(err).__name__})") from None
+        raise CheckpointError(str(path), "damaged: missing from the checkpoint") from None
+    except Exception as err:  # truncated, garbage, or content weights_only refuses
+        raise CheckpointError(str(path), f"damaged: not a loadable tensor file ({type(err).__name__})") from None
 
 
 def rng_state() -> dict[str, Any]:
@@ -89,6 +64,19 @@ def _as_tuple(value):
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+def _new_tmp(run_dir: str | Path, step: int) -> Path:
+    tmp = tmp_dir(run_dir, step)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _write_config(folder: Path, config: Optional[dict[str, Any]]) -> None:
+    if config is not None:
+        (folder / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -96,24 +84,17 @@ def save_checkpoint(
     optim_state: dict[str, Any],
     trainer_state: dict[str, Any],
     keep: int = 2,
+    config: Optional[dict[str, Any]] = None,
 ) -> Path:
-    """Write step_N atomically and prune all but the newest ``keep`` valid checkpoints."""
-    root = checkpoint_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step}"
-    tmp = root / f".tmp_step_{step}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    """Write step_N (files, then manifest, then rename) and prune all but the newest ``keep``."""
+    tmp, final = _new_tmp(run_dir, step), checkpoint_root(run_dir) / f"step_{step}"
     torch.save(model_state, tmp / "model.pt")
     torch.save(optim_state, tmp / "optim.pt")
     torch.save(trainer_state, tmp / "trainer.pt")
-    (tmp / MARKER).write_text(f"step {step}\n")
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    _write_config(tmp, config)
+    write_manifest(tmp, step, hash_files(tmp, files_under(tmp)))
+    commit(tmp, final)
+    prune(run_dir, keep, protect=final)
     return final
 
 
@@ -121,7 +102,9 @@ def load_checkpoint(ckpt_dir: str | Path) -> tuple[dict, dict, dict]:
     """(model_state, optim_state, trainer_state) of a complete checkpoint."""
     ckpt_dir = Path(ckpt_dir)
     model_state = load_model_state(ckpt_dir)
-    return model_state, _load(ckpt_dir / "optim.pt"), _load(ckpt_dir / "trainer.pt")
+    optim_state = _load(ckpt_dir / "optim.pt")
+    check_entries(optim_state, ("state", "param_groups"), ckpt_dir / "optim.pt")
+    return model_state, optim_state, _load(ckpt_dir / "trainer.pt")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,40 +212,79 @@ def sharded_state(model: torch.nn.Module, optimizer) -> tuple[dict[str, torch.Te
     return flat, scalars
 
 
+def _on_main(env, fn) -> Any:
+    """Run ``fn`` on rank 0; an OSError there is raised on every rank (no rank left in a collective)."""
+    from llmtrain.distributed import broadcast_object
+
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = fn()
+        except OSError as err:
+            error = _os_error_text(err)
+    error = broadcast_object(error, env)
+    if error:
+        raise OSError(error)
+    return result
+
+
+def _os_error_text(err: OSError) -> str:
+    where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+    return f"{err.strerror or err}{where}"
+
+
+def _own_shard_files(folder: Path, rank: int) -> list[str]:
+    """The files DCP's FileSystemWriter wrote for ``rank`` (``__<rank>_<i>.distcp``; rank 0 adds .metadata)."""
+    names = [p.name for p in folder.iterdir() if p.name.startswith(f"__{rank}_") and p.name.endswith(".distcp")]
+    if rank == 0:
+        names.append(".metadata")
+    return [f"{DCP_DIR}/{n}" for n in sorted(names)]
+
+
 def save_sharded_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer,
-                            trainer_state: dict[str, Any], env, keep: int = 2) -> Path:
-    """Every rank writes its shards; rank 0 writes trainer.pt, then the marker after a barrier."""
-    import torch.distributed as dist
+                            trainer_state: dict[str, Any], env, keep: int = 2,
+                            config: Optional[dict[str, Any]] = None) -> Path:
+    """Every rank writes and hashes its shards; rank 0 writes the rest and the manifest, then renames.
+
+    A write error on any rank is raised as OSError on every rank, with the previous checkpoints untouched."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from llmtrain.distributed import all_gather_objects, broadcast_object
 
     # Rank 0's run_dir for everyone: Hydra's default dir is a timestamp each process takes itself.
-    shared = [str(run_dir)]
-    dist.broadcast_object_list(shared, src=0)
-    root = checkpoint_root(shared[0])
-    final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
-    if env.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    dist.barrier()
+    run_dir = Path(broadcast_object(str(run_dir), env))
+    final, tmp = checkpoint_root(run_dir) / f"step_{step}", tmp_dir(run_dir, step)
+    _on_main(env, lambda: _new_tmp(run_dir, step))
     tensors, scalars = sharded_state(model, optimizer)
-    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp / DCP_DIR)))
-    gathered: list[Any] = [None] * env.world_size
-    dist.all_gather_object(gathered, scalars)
-    if env.is_main:
-        merged = {k: v for part in gathered for k, v in part.items()}
+    try:
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp / DCP_DIR)))  # fsyncs its files
+    except CheckpointException as err:  # DCP gathers every rank's failure and raises it on all
+        rank, (cause, _) = min(err.failures.items())
+        text = _os_error_text(cause) if isinstance(cause, OSError) else f"{type(cause).__name__}: {cause}"
+        raise OSError(f"rank {rank} could not write its shards: {text}") from None
+    try:
+        mine, error = hash_files(tmp, _own_shard_files(tmp / DCP_DIR, env.rank)), None
+    except OSError as err:
+        mine, error = {}, _os_error_text(err)
+    parts = all_gather_objects((mine, scalars, error), env)
+    errors = [e for _, _, e in parts if e]
+    if errors:
+        raise OSError(errors[0])
+
+    def finish() -> Path:
+        merged = {k: v for _, part, _ in parts for k, v in part.items()}
         torch.save({"param_groups": _groups_hyperparams(optimizer), "scalars": merged}, tmp / OPTIM_META)
         torch.save(trainer_state, tmp / "trainer.pt")
-    dist.barrier()  # every rank's shards are on disk before the checkpoint becomes valid
-    if env.is_main:
-        (tmp / MARKER).write_text(f"step {step}\nworld_size {env.world_size}\nstrategy {env.strategy}\n")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in list_checkpoints(shared[0])[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+        _write_config(tmp, config)
+        files = {k: v for part, _, _ in parts for k, v in part.items()}
+        files.update(hash_files(tmp, [f for f in files_under(tmp) if not f.startswith(f"{DCP_DIR}/")]))
+        write_manifest(tmp, step, files, world_size=env.world_size, strategy=env.strategy)
+        commit(tmp, final)
+        prune(run_dir, keep, protect=final)
+        return final
+
+    _on_main(env, finish)
     return final
 
 
@@ -272,7 +294,8 @@ def _read_metadata(ckpt_dir: Path):
     try:
         return dcp.FileSystemReader(str(ckpt_dir / DCP_DIR)).read_metadata()
     except Exception as err:
-        raise UserError(str(ckpt_dir / DCP_DIR), f"unreadable sharded checkpoint ({type(err).__name__}: {err})") from None
+        raise CheckpointError(str(ckpt_dir / DCP_DIR),
+                              f"damaged: unreadable sharded checkpoint ({type(err).__name__})") from None
 
 
 def _dcp_load(template: dict[str, Any], ckpt_dir: Path) -> None:
@@ -319,6 +342,8 @@ def _load_model_values(model: torch.nn.Module, values: dict[str, torch.Tensor]) 
     from torch.distributed.tensor import distribute_tensor
 
     current = model.state_dict()
+    if not isinstance(values, dict) or not all(isinstance(v, torch.Tensor) for v in values.values()):
+        raise CheckpointError("resume", "damaged: the checkpoint's model state is not a mapping of tensors")
     missing = sorted(set(current) - set(values))
     if missing:
         raise UserError("resume", f"checkpoint lacks model tensors {missing[:3]} (a different model config?)")
@@ -334,8 +359,10 @@ def _load_model_values(model: torch.nn.Module, values: dict[str, torch.Tensor]) 
     model.load_state_dict(out)
 
 
-def _load_optimizer_values(optimizer, model: torch.nn.Module, state: dict[str, dict], groups: list[dict]) -> None:
-    """Load name-keyed optimizer state (full or sharded values) into this rank's optimizer."""
+def _load_optimizer_values(optimizer, model: torch.nn.Module, state: dict[str, dict], groups: list[dict],
+                           keep_current: Iterable[str] = ()) -> None:
+    """Load name-keyed optimizer state (full or sharded values) into this rank's optimizer. Group
+    entries named in ``keep_current`` (the config's hyperparameters) keep this run's values."""
     from torch.distributed.tensor import distribute_tensor
 
     inner = _inner(optimizer)
@@ -363,7 +390,10 @@ def _load_optimizer_values(optimizer, model: torch.nn.Module, state: dict[str, d
             ids.append(index)
             index += 1
         native_groups.append({**saved, "params": ids})
+    current = [{k: g[k] for k in keep_current if k in g} for g in inner.param_groups]
     inner.load_state_dict({"state": native_state, "param_groups": native_groups})
+    for group, values in zip(inner.param_groups, current):
+        group.update(values)
 
 
 def _full_param_order(optimizer) -> list[torch.Tensor]:
@@ -372,9 +402,11 @@ def _full_param_order(optimizer) -> list[torch.Tensor]:
     return list(all_params) if all_params is not None else [p for g in optimizer.param_groups for p in g["params"]]
 
 
-def restore(ckpt_dir: str | Path, model: torch.nn.Module, optimizer) -> dict[str, Any]:
+def restore(ckpt_dir: str | Path, model: torch.nn.Module, optimizer,
+            keep_current: Iterable[str] = ()) -> dict[str, Any]:
     """Load a checkpoint of either layout into ``model`` (unwrapped) and ``optimizer`` on any
-    world size, and return the trainer state (step, RNG, data position ...)."""
+    world size, and return the trainer state (step, RNG, data position ...). Param-group entries
+    named in ``keep_current`` keep the values this run's config gave them (a changed lr applies)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     ckpt_dir = Path(ckpt_dir)
@@ -385,7 +417,7 @@ def restore(ckpt_dir: str | Path, model: torch.nn.Module, optimizer) -> dict[str
         order = [names[id(p)] for p in _full_param_order(optimizer)]
         state = {order[i]: v for i, v in optim_state["state"].items()}
         groups = [{k: v for k, v in g.items() if k != "params"} for g in optim_state["param_groups"]]
-        _load_optimizer_values(optimizer, model, state, groups)
+        _load_optimizer_values(optimizer, model, state, groups, keep_current)
         return trainer_state
 
     meta = _read_metadata(ckpt_dir)
@@ -403,11 +435,19 @@ def restore(ckpt_dir: str | Path, model: torch.nn.Module, optimizer) -> dict[str
     _dcp_load(template, ckpt_dir)
     _load_model_values(model, {k[len("model/"):]: v for k, v in template.items() if k.startswith("model/")})
     optim_meta = _load(ckpt_dir / OPTIM_META)
+    check_entries(optim_meta, ("param_groups", "scalars"), ckpt_dir / OPTIM_META)
     per_param: dict[str, dict[str, Any]] = {}
     for key, value in [*template.items(), *optim_meta["scalars"].items()]:
         if key.startswith("optim/") and key.split("/")[1] in mine:
             _, name, rest = key.split("/", 2)
             per_param.setdefault(name, {})[rest] = value
     state = {name: _unflatten(entries) for name, entries in per_param.items()}
-    _load_optimizer_values(optimizer, model, state, optim_meta["param_groups"])
+    _load_optimizer_values(optimizer, model, state, optim_meta["param_groups"], keep_current)
     return _load(ckpt_dir / "trainer.pt")
+
+
+def check_entries(state: Any, keys: Iterable[str], path: Path) -> None:
+    """A loaded file holds every entry the caller reads (a damaged one is a CheckpointError, not a KeyError)."""
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(str(path), f"damaged: lacks {', '.join(missing)}")

@@ -157,7 +157,6 @@ def _fail(err: UserError) -> None:
 def run_job(cfg_node) -> Optional[dict]:
     """One Hydra job: validate, then plan (dry_run) or train."""
     from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
 
     from llmtrain.config import load_config
 
@@ -170,8 +169,25 @@ def run_job(cfg_node) -> Optional[dict]:
         return run_dry_run(cfg, str(run_dir))
     from llmtrain.trainer import Trainer
 
-    resolved = OmegaConf.to_container(cfg_node, resolve=True)
-    return Trainer(cfg, run_dir, resolved_config=resolved).fit()
+    trainer = Trainer(cfg, run_dir)
+    if cfg.run_dir is None and trainer.env.is_main:
+        print(f"note: run_dir is not set, so this run writes to the new folder {run_dir}; running the same command "
+              f"again starts another run instead of resuming this one (pass run_dir=PATH to make restarts resume)",
+              file=sys.stderr)
+    return trainer.fit()
+
+
+def exit_code(summary: Optional[dict]) -> int:
+    """0 when the run completed (or had nothing left to do); 1 diverged; 128 + N when stopped by signal N,
+    so a scheduler never takes a pre-empted run for a finished one."""
+    import signal
+
+    status = (summary or {}).get("status")
+    if status == "diverged":
+        return 1
+    if status == "stopped" and summary.get("signal"):
+        return 128 + int(signal.Signals[summary["signal"]])
+    return 0
 
 
 def _record_failure(cfg_node, reason: str) -> None:
@@ -198,13 +214,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         _fail(err)
     multirun = any(a in ("-m", "--multirun") for a in argv)
 
+    codes: list[int] = []
+
     @hydra.main(config_path=str(path), config_name="train", version_base=None)
     def _task(cfg_node):
         try:
             summary = run_job(cfg_node)
-            if not multirun and summary and summary.get("status") == "diverged":
-                sys.exit(1)  # scripts and schedulers should see a diverged run as a failure
-            return summary
         except UserError as err:
             if not multirun:
                 _fail(err)
@@ -220,12 +235,24 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             traceback.print_exc()  # not a user mistake: show it, record it, keep sweeping
             _record_failure(cfg_node, f"{type(err).__name__}: {err}")
             return None
+        code = exit_code(summary)
+        codes.append(code)
+        if multirun and code > 128:
+            _finish(code)  # pre-empted: the rest of the sweep waits for the requeue
+        return summary
 
     sys.argv = [sys.argv[0], *normalize_overrides(argv)]
     _task()
+    _finish(max(codes, default=0) if not multirun else max((c for c in codes if c > 128), default=0))
+
+
+def _finish(code: int) -> None:
+    """Exit with ``code``; a torchrun worker exits at once (see exit_torchrun_worker)."""
     from llmtrain.distributed import exit_torchrun_worker
 
-    exit_torchrun_worker()
+    exit_torchrun_worker(code)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

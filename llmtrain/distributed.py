@@ -30,12 +30,12 @@ import datetime
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
-from llmtrain.errors import ConfigError
+from llmtrain.errors import ConfigError, UserError
 
 SHARDED_PARAM_STRATEGIES = ("zero2", "fsdp", "hsdp")  # parameters are DTensor shards
 
@@ -250,6 +250,48 @@ def all_reduce_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return value
 
 
+def all_reduce_max(value: float, env: DistEnv) -> float:
+    """The largest ``value`` over ranks (a tensor made on the run's device: NCCL takes no CPU tensor)."""
+    if env.world_size <= 1:
+        return value
+    t = torch.tensor(float(value), device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def broadcast_object(obj: Any, env: DistEnv, src: int = 0) -> Any:
+    """Rank ``src``'s picklable ``obj`` on every rank (object collectives stage on the current device)."""
+    if env.world_size <= 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_objects(obj: Any, env: DistEnv) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order."""
+    if env.world_size <= 1:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def on_main(fn: Callable[[], Any], env: DistEnv) -> Any:
+    """``fn()`` on rank 0 only (its result there, None elsewhere); a UserError it raises is raised on
+    every rank, so all ranks stop with the same one-line error instead of waiting in a collective."""
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = fn()
+        except UserError as err:
+            error = err
+    error = broadcast_object(error, env)
+    if error is not None:
+        raise error
+    return result
+
+
 def barrier(env: DistEnv) -> None:
     if env.world_size > 1:
         dist.barrier()
@@ -265,9 +307,9 @@ def shutdown(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
-def exit_torchrun_worker() -> None:
-    """In a torchrun worker (WORLD_SIZE > 1) whose work is done, exit now, skipping interpreter
-    teardown; elsewhere do nothing.
+def exit_torchrun_worker(code: int = 0) -> None:
+    """In a torchrun worker (WORLD_SIZE > 1) whose work is done, exit now with ``code``, skipping
+    interpreter teardown; elsewhere do nothing.
 
     Call it last: after checkpoints, metrics and summary are written, W&B is closed and the process
     groups are destroyed. Under load, letting Python finalise a process that used gloo now and then
@@ -281,4 +323,4 @@ def exit_torchrun_worker() -> None:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)

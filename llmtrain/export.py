@@ -251,7 +251,9 @@ _SHAPE_FIELDS = ("family", "n_layers", "d_model", "n_heads", "n_kv_heads", "voca
 
 
 def load_init_weights(model: DecoderLM, path: str | Path) -> None:
-    """Copy the weights of the HF model directory ``path`` into ``model`` (``model.init_from``).
+    """Copy the weights at ``path`` into ``model`` (``model.init_from``): a Hugging Face model
+    directory, or an llmtrain checkpoint (``step_N``) or run directory (its newest checkpoint); only
+    the weights are taken, so the run starts at step 0 with any optimizer.
 
     Call it on the unwrapped, materialised model before sharding. The architecture must match the
     run's ``model`` config; a mismatch names the first differing field.
@@ -259,24 +261,55 @@ def load_init_weights(model: DecoderLM, path: str | Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
+    ckpt = _llmtrain_checkpoint(path)
+    if ckpt is not None:
+        return _load_checkpoint_weights(model, ckpt)
     if not (path / "config.json").is_file():
-        raise ConfigError("model.init_from", f"{path} is not a Hugging Face model directory (no config.json)")
+        raise ConfigError("model.init_from", f"{path} is neither a Hugging Face model directory (no config.json) "
+                                             f"nor an llmtrain checkpoint or run directory")
     hf_cfg = model_config_from_hf(AutoConfig.from_pretrained(path))
-    ours = model.cfg
-    pairs = {f: (getattr(hf_cfg, f), getattr(ours, f)) for f in _SHAPE_FIELDS}
-    pairs["n_kv_heads"] = (hf_cfg.n_kv_heads or hf_cfg.n_heads, ours.n_kv_heads or ours.n_heads)
+    _check_same_shape(hf_cfg, model.cfg, path)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    sd = state_dict_from_hf({k: v.detach() for k, v in hf.state_dict().items()}, hf_cfg)
+    model.load_state_dict(sd, strict=True)
+
+
+def _llmtrain_checkpoint(path: Path) -> Optional[Path]:
+    from llmtrain.checkpoint import MARKER, latest_checkpoint
+
+    return path if (path / MARKER).is_file() else latest_checkpoint(path)
+
+
+def _load_checkpoint_weights(model: DecoderLM, ckpt: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from llmtrain.checkpoint import load_model_state
+
+    saved = ckpt / "config.yaml"
+    if saved.is_file():
+        theirs = to_model_config(OmegaConf.to_container(OmegaConf.load(saved).model, resolve=True))
+        _check_same_shape(theirs, model.cfg, ckpt)
+    sd = clean_state_dict(load_model_state(ckpt))
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as err:
+        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise ConfigError("model.init_from", f"{ckpt}: its weights do not fit the model: {detail}") from None
+
+
+def _check_same_shape(source: ModelConfig, ours: ModelConfig, path: Path) -> None:
+    """The weights at ``path`` (architecture ``source``) fit the run's model; else name the first field."""
+    pairs = {f: (getattr(source, f), getattr(ours, f)) for f in _SHAPE_FIELDS}
+    pairs["n_kv_heads"] = (source.n_kv_heads or source.n_heads, ours.n_kv_heads or ours.n_heads)
     if ours.family == "llama":
-        pairs["ffn_hidden"] = (llama_ffn_hidden(hf_cfg), llama_ffn_hidden(ours))
+        pairs["ffn_hidden"] = (llama_ffn_hidden(source), llama_ffn_hidden(ours))
     else:
-        pairs["ffn_hidden"] = (hf_cfg.ffn_hidden or 4 * hf_cfg.d_model, ours.ffn_hidden or 4 * ours.d_model)
-        pairs["max_seq_len"] = (hf_cfg.max_seq_len, ours.max_seq_len)
+        pairs["ffn_hidden"] = (source.ffn_hidden or 4 * source.d_model, ours.ffn_hidden or 4 * ours.d_model)
+        pairs["max_seq_len"] = (source.max_seq_len, ours.max_seq_len)
     for field, (theirs, mine) in pairs.items():
         if theirs != mine:
             raise ConfigError("model.init_from", f"{path} has {field}={theirs} but model.{field}={mine}; "
                                                  f"pick the matching model preset or set model.{field}={theirs}")
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    sd = state_dict_from_hf({k: v.detach() for k, v in hf.state_dict().items()}, hf_cfg)
-    model.load_state_dict(sd, strict=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,9 +331,11 @@ def load_run_model(run_dir: str | Path) -> tuple[DecoderLM, Path]:
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise UserError("RUN_DIR", f"{run_dir} has no complete checkpoint under checkpoints/")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    # The config the checkpoint was trained with (config.yaml is what runs now, maybe not yet saved).
+    config_path = ckpt / "config.yaml" if (ckpt / "config.yaml").is_file() else run_dir / "config.yaml"
+    cfg = OmegaConf.load(config_path)
     if "model" not in cfg:
-        raise UserError("RUN_DIR", f"{run_dir / 'config.yaml'} has no model section")
+        raise UserError("RUN_DIR", f"{config_path} has no model section")
     mcfg = to_model_config(OmegaConf.to_container(cfg.model, resolve=True))
     sd = clean_state_dict(load_model_state(ckpt))
     sd = {k: v.float() for k, v in sd.items() if not k.startswith("rope_")}

@@ -113,25 +113,27 @@ class RunLogger:
         return self.wandb.run_id if self.wandb else None
 
     def _reload_history(self, start_step: int) -> None:
-        """On resume keep rows up to the checkpoint step, drop any logged after it (they will be redone)."""
-        if not self.metrics_path.exists():
-            return
-        kept = []
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
+        """The rows of the line up to the step training resumes from (later ones were set aside)."""
+        from llmtrain.lineage import read_rows
+
+        for row in read_rows(self.run_dir):
+            if row.get("step", 0) > start_step:
                 continue
-            if row.get("step", 0) <= start_step:
-                kept.append(line)
-                (self.eval_rows if "val_loss" in row else self.train_rows).append(row)
-        self.metrics_path.write_text("".join(k + "\n" for k in kept))
+            if "val_loss" in row:
+                self.eval_rows.append(row)
+            elif "loss" in row:
+                self.train_rows.append(row)
 
     def _append(self, row: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(_json_safe(row)) + "\n")
         if self.wandb:
             self.wandb.log(row)
+
+    def record(self, row: dict[str, Any]) -> None:
+        """A row that is neither a train nor an eval row (a config change on resume)."""
+        if self.enabled:
+            self._append(row)
 
     def log_train(self, row: dict[str, Any]) -> None:
         if not self.enabled:

@@ -1,4 +1,4 @@
-"""The training loop, nothing else.
+"""The training loop, and the start-up checks that let it run for days without surprises.
 
 The model, data, optimizer, schedule and strategy come from their own packages; the trainer only
 knows the optimizer hook protocol (llmtrain/optim/protocol.py), never an optimizer's name.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import signal
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -18,14 +18,20 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from llmtrain import checkpoint
+from llmtrain import checkpoint, checkpoint_store, lineage
 from llmtrain.config import RootConfig, validate
 from llmtrain.cpu_matmul import set_cpu_matmul
-from llmtrain.distributed import all_reduce_mean, barrier, comm_bytes, grad_sync, init_distributed, parallelize, shutdown, unwrap
-from llmtrain.errors import ConfigError, ResourceError
+from llmtrain.distributed import (
+    all_reduce_max, all_reduce_mean, barrier, broadcast_object, comm_bytes, grad_sync, init_distributed, on_main,
+    parallelize, shutdown, unwrap,
+)
+from llmtrain.errors import ConfigError, ResourceError, UserError
 from llmtrain.logging import RunLogger
 from llmtrain.optim.protocol import StepContext, state_bytes
 from llmtrain.optim.sharded import shard_optimizer
+from llmtrain.preemption import StopRequest
+from llmtrain.resume import TRAINER_KEYS, Resumed, hyperparameter_keys, resume
+from llmtrain.run_lock import RunLock
 from llmtrain.schedules import lr_factor
 
 # Dense bf16 peak FLOP/s of GPUs we can name, for MFU. Unknown devices report mfu: null.
@@ -79,16 +85,42 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: RootConfig, run_dir: str | Path, resolved_config: Optional[dict] = None):
+    """One run: built from a config in a run directory, then ``fit()``.
+
+    Start-up does every check that can fail before the first step (lock, config, data, memory,
+    checkpoint directory, resume), so a mistake never costs a run's work.
+    """
+
+    def __init__(self, cfg: RootConfig, run_dir: str | Path):
+        self.cfg = cfg
+        self.env = env = init_distributed(cfg.train.device, cfg.distributed.strategy, cfg.distributed.timeout_s)
+        validate(cfg, dp_world_size=env.world_size)
+        # Rank 0's run_dir for everyone: Hydra's default dir is a timestamp each process takes itself.
+        self.run_dir = Path(broadcast_object(str(run_dir), env))
+        self.stop = StopRequest().install()  # a signal during start-up stops the run after its first step
+        self.lock: Optional[RunLock] = None
+        self.finished: Optional[dict[str, Any]] = None
+        try:
+            self.lock = on_main(lambda: RunLock.acquire(self.run_dir), env)
+            if cfg.resume == "auto":
+                self.finished = lineage.finished_summary(self.run_dir, cfg.train.max_steps)
+            if self.finished is None:
+                self._build()
+        except BaseException:
+            self._release()
+            raise
+
+    def _build(self) -> None:
         from llmtrain.data import build_data, check_vocab
         from llmtrain.models import build_model
         from llmtrain.optim import build_optimizer
 
-        self.cfg, t = cfg, cfg.train
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.env = env = init_distributed(t.device, cfg.distributed.strategy, cfg.distributed.timeout_s)
-        validate(cfg, dp_world_size=env.world_size)
+        cfg, t, env = self.cfg, self.cfg.train, self.env
+        took_over = self.lock.took_over if self.lock else None
+        notes = [f"run_dir lock taken over from a stale holder ({took_over})"] if took_over else []
+        notes += on_main(lambda: checkpoint_store.adopt_and_clean(self.run_dir), env) or []
+        on_main(lambda: checkpoint_store.check_writable(self.run_dir), env)
+        choice = lineage.choose(cfg.resume, self.run_dir)
         self.accum_steps = t.global_batch_size // (t.micro_batch_size * env.world_size)
         self.dtype = resolve_precision(t.precision, env.device)
         seed_everything(t.seed)
@@ -97,10 +129,11 @@ class Trainer:
         self.data = build_data(cfg.data, seq_len=t.seq_len, seed=t.seed, rank=env.rank, world_size=env.world_size,
                                micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size)
         cfg.model.vocab_size = check_vocab(cfg.model.vocab_size, self.data, cfg.data.pad_vocab_to_multiple_of)
+        self.config = OmegaConf.to_container(OmegaConf.structured(cfg))  # what runs, as config.yaml records it
 
         set_cpu_matmul(t.cpu_matmul)
         model = build_model(cfg.model).to(env.device)
-        if cfg.model.init_from:
+        if cfg.model.init_from and not choice.candidates:
             from llmtrain.export import load_init_weights
 
             load_init_weights(model, cfg.model.init_from)
@@ -114,25 +147,91 @@ class Trainer:
         reason = refuse(env.strategy, self.accum_steps) if callable(refuse) else None
         if reason:
             raise ConfigError("optim.name", reason)
-        use_scaler = self.dtype == torch.float16
-        self.scaler = torch.amp.GradScaler(env.device.type, enabled=use_scaler)
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.dtype == torch.float16)
+        ckpt_bytes = self._checkpoint_bytes()
+        on_main(lambda: checkpoint_store.check_free_space(self.run_dir, ckpt_bytes, t.keep_checkpoints), env)
 
         self.step, self.tokens, self.nonfinite_total, self.nonfinite_streak = 0, 0, 0, 0
         self.elapsed = 0.0  # training wall-clock seconds, excluding eval and checkpointing
-        wandb_id = self._resume(checkpoint.resolve_resume(cfg.resume, self.run_dir))
-
-        config = resolved_config or OmegaConf.to_container(OmegaConf.structured(cfg))
+        resumed = resume(choice, self.config, self._restore, env, self.run_dir, notes.append)
+        self._saved_step = self.step if resumed else None
         if env.is_main:
-            import shutil
+            self._set_aside_history(choice, resumed, notes)
+        self.log = RunLogger(self.run_dir, cfg.logger, self.config, enabled=env.is_main, total_steps=t.max_steps,
+                             start_step=self.step, progress=t.progress_bar,
+                             wandb_run_id=resumed.state.get("wandb_run_id") if resumed else None)
+        if env.is_main:
+            self._record_start(resumed, notes)
 
-            import yaml
+    def _restore(self, path: Path) -> dict[str, Any]:
+        """Load a checkpoint into the model and optimizer; the trainer's own counters follow."""
+        self._hook("eval")  # the checkpoint holds evaluation weights; enter training mode from there
+        state = checkpoint.restore(path, unwrap(self.model), self.optimizer,
+                                   keep_current=hyperparameter_keys(self.cfg.optim))
+        self._hook("train")
+        if isinstance(state, dict) and all(k in state for k in TRAINER_KEYS):
+            self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
+            self.nonfinite_total, self.nonfinite_streak = state["nonfinite_total"], state["nonfinite_streak"]
+            self.data.train.load_state_dict(state["data"])
+            self.scaler.load_state_dict(state["scaler"])
+            checkpoint.set_rng_state(state["rng"])
+        return state
 
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-            if self.data.tokenizer_path and Path(self.data.tokenizer_path).is_file():
-                shutil.copyfile(self.data.tokenizer_path, self.run_dir / "tokenizer.json")
-        self.log = RunLogger(self.run_dir, cfg.logger, config, enabled=env.is_main, total_steps=t.max_steps,
-                             start_step=self.step, progress=t.progress_bar, wandb_run_id=wandb_id)
-        self._stop_signal: Optional[int] = None
+    def _set_aside_history(self, choice: lineage.ResumeChoice, resumed: Optional[Resumed], notes: list[str]) -> None:
+        """Rank 0: what lies after the resume step leaves the line (moved under abandoned/, never deleted)."""
+        newer = lineage.newer_checkpoints(self.run_dir, self.step) if choice.explicit and resumed else []
+        label = (f"rollback-to-{resumed.path.name}" if newer else f"after-{resumed.path.name}") if resumed \
+            else "restart-at-step_0"
+        dest = lineage.set_aside_after(self.run_dir, self.step, label, newer)
+        if newer:
+            notes.append(f"rolled back to {resumed.path.name}: {', '.join(p.name for p in newer)} and the metrics "
+                         f"rows after step {self.step} moved to {dest}")
+        elif dest is not None:
+            notes.append(f"metrics rows after step {self.step} (not in any checkpoint) moved to {dest}")
+
+    def _record_start(self, resumed: Optional[Resumed], notes: list[str]) -> None:
+        """Rank 0: record config changes, write config.yaml and the tokenizer, print the notes."""
+        if resumed is not None:
+            notes.append(f"resumed from {resumed.path} at step {self.step}")
+            if resumed.saved_config is None:
+                notes.append(f"warning: {resumed.path.name} has no saved config (an older llmtrain wrote it): "
+                             f"config changes on this resume cannot be checked")
+            for key, (old, new) in resumed.changes.items():
+                notes.append(f"config change on resume: {key} {old!r} -> {new!r}{self._lr_effect(key, resumed)}")
+            if resumed.changes:
+                self.log.record({"step": self.step, "config_change": {k: list(v) for k, v in resumed.changes.items()}})
+            if self.cfg.model.init_from:
+                notes.append("note: model.init_from is ignored when resuming (the checkpoint's weights are used)")
+        lineage.write_config(self.run_dir, self.config, self.step)
+        if self.data.tokenizer_path and Path(self.data.tokenizer_path).is_file():
+            shutil.copyfile(self.data.tokenizer_path, self.run_dir / "tokenizer.json")
+        for text in notes:
+            self.log.note(text)
+
+    def _lr_effect(self, key: str, resumed: Resumed) -> str:
+        """For a schedule, max_steps or lr change: the lr at the resume step before and after."""
+        if not (key.startswith("schedule.") or key in ("train.max_steps", "optim.lr")) or not resumed.saved_config:
+            return ""
+        old, s = resumed.saved_config, resumed.saved_config.get("schedule", {})
+        before = float(old["optim"]["lr"]) * lr_factor(
+            s["name"], self.step, total_steps=old["train"]["max_steps"], warmup_steps=s["warmup_steps"],
+            min_lr_ratio=s["min_lr_ratio"], decay_ratio=s["decay_ratio"], decay_shape=s["decay_shape"],
+            num_cycles=s["num_cycles"])
+        after = float(self.cfg.optim["lr"]) * self.lr_factor(self.step)
+        return f" (lr at step {self.step}: {before:.3e} -> {after:.3e})"
+
+    def _checkpoint_bytes(self) -> int:
+        """One checkpoint on disk: fp32 weights and the optimizer state (the planner's bytes per parameter)."""
+        from llmtrain.plan import optimizer_state_bytes_per_param
+
+        state_bpp, _ = optimizer_state_bytes_per_param(self.cfg.optim)
+        return int(self.params * (4 + state_bpp)) + (1 << 20)
+
+    def _release(self) -> None:
+        self.stop.uninstall()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # ---------------------------------------------------------------- one optimizer step
     def autocast(self):
@@ -238,6 +337,13 @@ class Trainer:
         return float(all_reduce_mean(loss, self.env))
 
     def save(self) -> Path:
+        """Checkpoint the current step (once: a step already saved is not written again).
+
+        A failed write (a full disk, a lost mount) is one line naming it, on every rank; the
+        previous checkpoints are untouched, since a new one only replaces them once complete."""
+        final = checkpoint_store.checkpoint_root(self.run_dir) / f"step_{self.step}"
+        if self._saved_step == self.step:
+            return final
         with self.eval_weights():
             state = {
                 "step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
@@ -245,43 +351,48 @@ class Trainer:
                 "rng": checkpoint.rng_state(), "data": self.data.train.state_dict(),
                 "scaler": self.scaler.state_dict(), "wandb_run_id": self.log.wandb_run_id,
             }
-            path = checkpoint.checkpoint_root(self.run_dir) / f"step_{self.step}"
-            if self.env.world_size > 1:  # every rank writes its shards (torch.distributed.checkpoint)
-                path = checkpoint.save_sharded_checkpoint(self.run_dir, self.step, unwrap(self.model), self.optimizer,
-                                                          state, self.env, keep=self.cfg.train.keep_checkpoints)
-            elif self.env.is_main:
-                path = checkpoint.save_checkpoint(self.run_dir, self.step, unwrap(self.model).state_dict(),
-                                                  self.optimizer.state_dict(), state, keep=self.cfg.train.keep_checkpoints)
+            keep = self.cfg.train.keep_checkpoints
+            try:
+                if self.env.world_size > 1:  # every rank writes its shards (torch.distributed.checkpoint)
+                    checkpoint.save_sharded_checkpoint(self.run_dir, self.step, unwrap(self.model), self.optimizer,
+                                                       state, self.env, keep=keep, config=self.config)
+                elif self.env.is_main:
+                    checkpoint.save_checkpoint(self.run_dir, self.step, unwrap(self.model).state_dict(),
+                                               self.optimizer.state_dict(), state, keep=keep, config=self.config)
+            except OSError as err:
+                raise self._save_failed(err) from None
             barrier(self.env)
-        return path
+        self._saved_step = self.step
+        return final
 
-    def _resume(self, path: Optional[Path]) -> Optional[str]:
-        if path is None:
-            return None
-        # Either layout (one file per kind, or DCP shards) onto this run's world size and strategy.
-        self._hook("eval")  # the checkpoint holds evaluation weights; enter training mode from there
-        state = checkpoint.restore(path, unwrap(self.model), self.optimizer)
-        self._hook("train")
-        self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
-        self.nonfinite_total, self.nonfinite_streak = state["nonfinite_total"], state["nonfinite_streak"]
-        self.data.train.load_state_dict(state["data"])
-        self.scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"])
+    def _save_failed(self, err: OSError) -> ResourceError:
         if self.env.is_main:
-            print(f"resumed from {path} at step {self.step}")
-        return state.get("wandb_run_id")
+            shutil.rmtree(checkpoint_store.tmp_dir(self.run_dir, self.step), ignore_errors=True)
+        previous = checkpoint_store.latest_checkpoint(self.run_dir)
+        kept = f"{previous.name} is untouched" if previous else "no earlier checkpoint exists"
+        what = f"{err.strerror or err}{f' ({err.filename})' if err.filename else ''}"
+        return ResourceError("checkpoints", f"saving step_{self.step} failed: {what}; {kept}")
 
     # ---------------------------------------------------------------- the loop
-    def _on_signal(self, signum, _frame) -> None:
-        self._stop_signal = signum
-
-    def _should_stop(self) -> bool:
-        flag = torch.tensor(float(self._stop_signal is not None))
-        return bool(all_reduce_mean(flag, self.env) > 0) if self.env.world_size > 1 else bool(flag)
+    def _agreed_stop(self) -> bool:
+        """Whether any rank was signalled; every rank then knows which signal (one all-reduce per step)."""
+        signum = int(all_reduce_max(self.stop.signum or 0, self.env))
+        if signum and self.stop.signum is None:
+            self.stop.signum = signum
+        return bool(signum)
 
     def fit(self) -> dict[str, Any]:
+        if self.finished is not None:
+            return self._already_finished()
+        try:
+            summary = self._fit()
+        finally:
+            self._release()
+        shutdown(self.env)
+        return summary
+
+    def _fit(self) -> dict[str, Any]:
         t = self.cfg.train
-        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         status, reason, last = "completed", "", {}
         window_tokens, window_start = 0, time.perf_counter()
         try:
@@ -299,21 +410,21 @@ class Trainer:
                     status = "diverged"
                     reason = f"{self.nonfinite_streak} non-finite losses in a row at step {self.step}"
                     break
+                if self._agreed_stop():
+                    status, reason = "stopped", f"signal {self.stop.name} at step {self.step}"
+                    break
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
                     self.log.log_eval(self._eval_row())
                     window_start = time.perf_counter()
                 if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
                     self.save()
                     window_start = time.perf_counter()
-                if self._should_stop():
-                    status, reason = "stopped", f"signal {signal.Signals(self._stop_signal or signal.SIGTERM).name} at step {self.step}"
-                    break
-            if status == "completed":
+            ckpt = self.save()  # before the final eval: a kill during it loses no training
+            if status == "completed" and t.eval_every:
                 self.log.log_eval(self._eval_row())
-            ckpt = self.save()
-        finally:
-            for s, handler in old_handlers.items():
-                signal.signal(s, handler)
+        except UserError as err:
+            self.log.summary(self._summary("failed", str(err), last))
+            raise
         summary = self._summary(status, reason, last)
         self.log.summary(summary)
         if status != "completed":
@@ -322,8 +433,16 @@ class Trainer:
         elif t.sample_tokens:
             self.print_sample()
         self.log.close(summary)
-        shutdown(self.env)
         return summary
+
+    def _already_finished(self) -> dict[str, Any]:
+        """A completed run started again: say so and change nothing."""
+        if self.env.is_main:
+            print(f"{self.run_dir} already finished at step {self.finished['steps']} (train.max_steps="
+                  f"{self.cfg.train.max_steps}); nothing to do. Raise train.max_steps to train further.")
+        self._release()
+        shutdown(self.env)
+        return self.finished
 
     def _train_row(self, last: dict[str, Any], tokens_per_s: float, window_steps: int) -> dict[str, Any]:
         row = {"step": self.step, "loss": last["loss"], "lr": last["lr"], "grad_norm": last["grad_norm"],
@@ -355,6 +474,7 @@ class Trainer:
             "wall_time_s": self.elapsed, "nonfinite_steps": self.nonfinite_total,
             "mfu": flops_per_token * tokens_per_s / (peak * self.env.world_size) if peak else None,
             "world_size": self.env.world_size, "strategy": self.env.strategy, "precision": str(self.dtype).replace("torch.", ""),
+            "signal": self.stop.name if status == "stopped" else None,
         }
 
     @torch.no_grad()

@@ -156,9 +156,9 @@ def test_sigterm_saves_checkpoint_and_resume_continues(corpus, data_cache, tmp_p
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 128 + signal.SIGTERM, err  # a scheduler must not take it for a finished run
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["status"] == "stopped" and "SIGTERM" in summary["reason"]
+    assert summary["status"] == "stopped" and "SIGTERM" in summary["reason"] and summary["signal"] == "SIGTERM"
     step = summary["steps"]
     assert (run / "checkpoints" / f"step_{step}" / "COMPLETE").is_file()
     assert "resume=auto" in out + err
