@@ -265,7 +265,7 @@ def load_init_weights(model: DecoderLM, path: str | Path) -> None:
     if ckpt is not None:
         return _load_checkpoint_weights(model, ckpt)
     if not (path / "config.json").is_file():
-        raise ConfigError("model.init_from", f"{path} is neither a Hugging Face model directory (no config.json) "
+        raise ConfigError("model.init_from", f"{path} is not a Hugging Face model directory (no config.json), "
                                              f"nor an llmtrain checkpoint or run directory")
     hf_cfg = model_config_from_hf(AutoConfig.from_pretrained(path))
     _check_same_shape(hf_cfg, model.cfg, path)

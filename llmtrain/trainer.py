@@ -227,6 +227,10 @@ class Trainer:
         state_bpp, _ = optimizer_state_bytes_per_param(self.cfg.optim)
         return int(self.params * (4 + state_bpp)) + (1 << 20)
 
+    def close(self) -> None:
+        """Give back the run_dir lock and the signal handlers of a trainer that will not ``fit()``."""
+        self._release()
+
     def _release(self) -> None:
         self.stop.uninstall()
         if self.lock is not None:
