@@ -54,10 +54,30 @@ def _weights(sources: list) -> Optional[list[float]]:
     return [1.0 if w is None else float(w) for w in raw]
 
 
+def _check_val_windows(index: WindowIndex, seq_len: int, val_fraction: float) -> None:
+    """Evaluation needs one window of seq_len+1 tokens inside one source. ValBatches wraps around a
+    short split, so that one window already gives every data-parallel rank full micro-batches."""
+    if index.total:
+        return
+    sizes = [s.total for s in index.streams]
+    spread = f" in {len(sizes)} sources, at most {max(sizes)} in one," if len(sizes) > 1 else ","
+    raise DataError(
+        "data.val_fraction",
+        f"the validation split has {sum(sizes)} tokens{spread} fewer than train.seq_len+1 = {seq_len + 1} that one "
+        f"evaluation window needs; raise data.val_fraction (now {val_fraction}) or set train.eval_every=0",
+    )
+
+
 def build_data(
     data_cfg: DataConfig, *, seq_len: int, seed: int, rank: int, world_size: int,
-    micro_batch_size: int, global_batch_size: int,
+    micro_batch_size: int, global_batch_size: int, evals: bool = True,
 ) -> DataBundle:
+    """Prepare (or find) the shards and wire this rank's loaders.
+
+    ``evals``: the run will ask for validation batches, so a validation split without a single
+    window is refused here rather than at the first eval (``data.val_fraction=0`` says there is
+    no split on purpose and is never refused).
+    """
     folder = prepare(data_cfg, progress=data_cfg.progress and rank == 0)
     meta = load_meta(folder)
     tokenizer_path = folder / meta["tokenizer"]
@@ -87,6 +107,8 @@ def build_data(
         micro_batch_size=micro_batch_size, global_batch_size=global_batch_size, num_workers=data_cfg.num_workers,
     )
     val_index = WindowIndex(_streams(folder, meta, "val", dtype), seq_len)
+    if evals and data_cfg.val_fraction > 0:
+        _check_val_windows(val_index, seq_len, data_cfg.val_fraction)
     val = ValBatches(val_index, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size, seq_len=seq_len)
     return DataBundle(tokenizer, str(tokenizer_path), max(count, max_id + 1), meta["eos_id"], train, val, folder, meta,
                       max_id)
