@@ -11,8 +11,9 @@ from tokenizers import Tokenizer
 
 from llmtrain.data.config import DataConfig
 from llmtrain.data.loader import EpochOrder, PackedLoader, ValBatches, WindowIndex
-from llmtrain.data.prepare import load_meta, prepare
-from llmtrain.data.shards import TokenStream, token_dtype
+from llmtrain.data.prepare import cached_max_token_id, describe_tokenizer, load_meta, prepare
+from llmtrain.data.shards import TokenStream
+from llmtrain.data.tokenizer import check_model_vocab
 from llmtrain.errors import ConfigError, DataError
 
 
@@ -20,12 +21,13 @@ from llmtrain.errors import ConfigError, DataError
 class DataBundle:
     tokenizer: Tokenizer
     tokenizer_path: str
-    vocab_size: int
+    vocab_size: int     # embedding rows the tokenizer needs: its entry count, or its largest id + 1 if more
     eos_id: int
     train: PackedLoader
     val: ValBatches
     folder: Path
     meta: dict
+    max_token_id: int   # the largest id the tokenizer emits (ids can have gaps)
 
     def val_batches(self, n: int) -> list:
         """n validation micro-batches for this rank, identical on every call."""
@@ -52,19 +54,40 @@ def _weights(sources: list) -> Optional[list[float]]:
     return [1.0 if w is None else float(w) for w in raw]
 
 
+def _check_val_windows(index: WindowIndex, seq_len: int, val_fraction: float) -> None:
+    """Evaluation needs one window of seq_len+1 tokens inside one source. ValBatches wraps around a
+    short split, so that one window already gives every data-parallel rank full micro-batches."""
+    if index.total:
+        return
+    sizes = [s.total for s in index.streams]
+    spread = f" in {len(sizes)} sources, at most {max(sizes)} in one," if len(sizes) > 1 else ","
+    raise DataError(
+        "data.val_fraction",
+        f"the validation split has {sum(sizes)} tokens{spread} fewer than train.seq_len+1 = {seq_len + 1} that one "
+        f"evaluation window needs; raise data.val_fraction (now {val_fraction}) or set train.eval_every=0",
+    )
+
+
 def build_data(
     data_cfg: DataConfig, *, seq_len: int, seed: int, rank: int, world_size: int,
-    micro_batch_size: int, global_batch_size: int,
+    micro_batch_size: int, global_batch_size: int, evals: bool = True,
 ) -> DataBundle:
+    """Prepare (or find) the shards and wire this rank's loaders.
+
+    ``evals``: the run will ask for validation batches, so a validation split without a single
+    window is refused here rather than at the first eval (``data.val_fraction=0`` says there is
+    no split on purpose and is never refused).
+    """
     folder = prepare(data_cfg, progress=data_cfg.progress and rank == 0)
     meta = load_meta(folder)
     tokenizer_path = folder / meta["tokenizer"]
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    count = tokenizer.get_vocab_size(with_added_tokens=True)
+    max_id = cached_max_token_id(folder, meta)
     dtype = np.dtype(meta["dtype"])
-    if vocab_size != meta["vocab_size"] or token_dtype(vocab_size) != dtype:
+    if count != meta["vocab_size"] or max_id > np.iinfo(dtype).max:
         raise DataError(str(folder / "meta.json"), f"says vocab {meta['vocab_size']} ({meta['dtype']}) but "
-                        f"{tokenizer_path} has {vocab_size}; delete {folder} to re-prepare")
+                        f"{tokenizer_path} has {count} (ids up to {max_id}); delete {folder} to re-prepare")
 
     train_index = WindowIndex(_streams(folder, meta, "train", dtype), seq_len)
     sources = list(data_cfg.sources)
@@ -84,8 +107,11 @@ def build_data(
         micro_batch_size=micro_batch_size, global_batch_size=global_batch_size, num_workers=data_cfg.num_workers,
     )
     val_index = WindowIndex(_streams(folder, meta, "val", dtype), seq_len)
+    if evals and data_cfg.val_fraction > 0:
+        _check_val_windows(val_index, seq_len, data_cfg.val_fraction)
     val = ValBatches(val_index, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size, seq_len=seq_len)
-    return DataBundle(tokenizer, str(tokenizer_path), vocab_size, meta["eos_id"], train, val, folder, meta)
+    return DataBundle(tokenizer, str(tokenizer_path), max(count, max_id + 1), meta["eos_id"], train, val, folder, meta,
+                      max_id)
 
 
 def check_vocab(model_vocab_size: int, bundle: DataBundle, pad_to_multiple_of: int = 0) -> int:
@@ -93,13 +119,15 @@ def check_vocab(model_vocab_size: int, bundle: DataBundle, pad_to_multiple_of: i
 
     With ``pad_to_multiple_of`` > 0 it is the tokenizer's size rounded up to that multiple (faster
     matmuls; the extra rows are never targets) and ``model.vocab_size`` is ignored; otherwise
-    ``model.vocab_size`` must equal the tokenizer's size.
+    ``model.vocab_size`` must equal the tokenizer's size, which covers its largest id.
     """
     if pad_to_multiple_of < 0:
         raise ConfigError("data.pad_vocab_to_multiple_of", f"got {pad_to_multiple_of}, expected >= 0")
     if pad_to_multiple_of:
         return -(-bundle.vocab_size // pad_to_multiple_of) * pad_to_multiple_of
     requested = bundle.meta.get("requested_vocab_size")
+    where = describe_tokenizer(requested, bundle.meta["vocab_size"], bundle.tokenizer_path)
+    check_model_vocab(model_vocab_size, pad_to_multiple_of, bundle.max_token_id, where)
     if requested and requested > bundle.vocab_size and model_vocab_size == requested:
         raise ConfigError(
             "data.vocab_size",

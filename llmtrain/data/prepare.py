@@ -39,7 +39,9 @@ import numpy as np
 from llmtrain.data.config import DataConfig
 from llmtrain.data.shards import ShardWriter, token_dtype
 from llmtrain.data.sources import BadUtf8, SourceSpec, iter_documents, resolve_sources
-from llmtrain.data.tokenizer import SPECIAL_TOKENS, eos_id_of, is_hub_name, load_external, train_bpe
+from llmtrain.data.tokenizer import (
+    SPECIAL_TOKENS, check_model_vocab, eos_id_of, is_hub_name, load_external, max_token_id, train_bpe,
+)
 from llmtrain.errors import ConfigError, DataError, UserError
 
 FORMAT_VERSION = 1
@@ -73,8 +75,12 @@ def _check_settings(cfg: DataConfig) -> None:
             raise ConfigError(f"data.{key}", f"got {getattr(cfg, key)}, expected > 0")
 
 
-def prepare(cfg: DataConfig, progress: Optional[bool] = None) -> Path:
-    """Return the prepared folder for ``cfg``, building it first unless it is cached."""
+def prepare(cfg: DataConfig, progress: Optional[bool] = None, *, model_vocab_size: Optional[int] = None) -> Path:
+    """Return the prepared folder for ``cfg``, building it first unless it is cached.
+
+    With ``model_vocab_size``, a tokenizer that emits ids the model has no embedding for is a
+    ConfigError as soon as the tokenizer is known, before any document is tokenized.
+    """
     _check_settings(cfg)
     specs = resolve_sources(list(cfg.sources))
     external = None
@@ -89,15 +95,18 @@ def prepare(cfg: DataConfig, progress: Optional[bool] = None) -> Path:
     cache_dir = Path(cfg.cache_dir).expanduser()
     stem = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', cfg.name)}-{key}"
     final = cache_dir / stem
-    if (final / "meta.json").is_file():
-        return final
+    if (final / "meta.json").is_file() and not _wrapped_ids(final):
+        return _checked(final, cfg, model_vocab_size)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DataError("data.cache_dir", f"cannot create {cache_dir} ({err.strerror})") from None
     with _file_lock(cache_dir / f".{stem}.lock"):
-        if (final / "meta.json").is_file():  # another rank finished it while we waited
-            return final
+        if (final / "meta.json").is_file():  # another rank finished it while we waited, or an old cache
+            wrapped = _wrapped_ids(final)
+            if not wrapped:
+                return _checked(final, cfg, model_vocab_size)
+            print(f"llmtrain: {final} {wrapped}; preparing it again", file=sys.stderr)
         for stale in cache_dir.glob(f".tmp-{stem}-*"):  # left by a killed run; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
         tmp = cache_dir / f".tmp-{stem}-{os.getpid()}"
@@ -105,13 +114,46 @@ def prepare(cfg: DataConfig, progress: Optional[bool] = None) -> Path:
         try:
             if external is None and cfg.tokenizer != "bpe":
                 external = load_external(cfg.tokenizer)
-            _build(cfg, specs, external, key, tmp, cfg.progress if progress is None else progress)
-            if final.exists():  # a damaged folder without meta.json: replace it
+            _build(cfg, specs, external, key, tmp, cfg.progress if progress is None else progress, model_vocab_size)
+            if final.exists():  # a damaged folder without meta.json, or one with wrapped ids: replace it
                 shutil.rmtree(final)
             os.replace(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def cached_max_token_id(folder: Path, meta: dict) -> int:
+    """The largest id of a prepared folder's tokenizer; computed for caches that predate the field."""
+    if "max_token_id" in meta:
+        return int(meta["max_token_id"])
+    from tokenizers import Tokenizer
+
+    return max(max_token_id(Tokenizer.from_file(str(folder / meta["tokenizer"]))), int(meta["eos_id"]))
+
+
+def _wrapped_ids(folder: Path) -> Optional[str]:
+    """Why a cached folder must be prepared again: shards written before the dtype followed the largest id."""
+    meta = load_meta(folder)
+    top = cached_max_token_id(folder, meta)
+    if top <= np.iinfo(np.dtype(meta["dtype"])).max:
+        return None
+    return f"holds {meta['dtype']} shards but its tokenizer emits ids up to {top} (those ids were wrapped)"
+
+
+def describe_tokenizer(requested_vocab_size: Optional[int], vocab_size: int, tokenizer: str) -> str:
+    """For error messages: the BPE and the data.vocab_size it was trained for, or the tokenizer's file or name."""
+    if requested_vocab_size:
+        return f"a {vocab_size}-token BPE, data.vocab_size={requested_vocab_size}"
+    return tokenizer
+
+
+def _checked(folder: Path, cfg: DataConfig, model_vocab_size: Optional[int]) -> Path:
+    if model_vocab_size is not None:
+        meta = load_meta(folder)
+        where = describe_tokenizer(meta.get("requested_vocab_size"), meta["vocab_size"], cfg.tokenizer)
+        check_model_vocab(model_vocab_size, cfg.pad_vocab_to_multiple_of, cached_max_token_id(folder, meta), where)
+    return folder
 
 
 @contextlib.contextmanager
@@ -206,10 +248,11 @@ def _batches(specs: list[SourceSpec], utf8: BadUtf8) -> Iterator[tuple[list[int]
 class _SourceSplitter:
     """Routes one source's documents to its train/val writers (see the module docstring)."""
 
-    def __init__(self, folder: Path, index: int, dtype: np.dtype, cfg: DataConfig):
+    def __init__(self, folder: Path, index: int, spec: SourceSpec, dtype: np.dtype, max_id: int, cfg: DataConfig):
         self.fraction = cfg.val_fraction
-        self.train = ShardWriter(folder, f"s{index}.train", dtype, cfg.shard_tokens)
-        self.val = ShardWriter(folder, f"s{index}.val", dtype, cfg.shard_tokens)
+        kw = dict(source=spec.path, max_id=max_id)
+        self.train = ShardWriter(folder, f"s{index}.train", dtype, cfg.shard_tokens, **kw)
+        self.val = ShardWriter(folder, f"s{index}.val", dtype, cfg.shard_tokens, **kw)
         self.docs = {"train": 0, "val": 0}
         self.seen = 0
         self.first: Optional[np.ndarray] = None  # held back until we know the source has a second document
@@ -239,7 +282,8 @@ class _SourceSplitter:
         self.val.close()
 
 
-def _build(cfg: DataConfig, specs: list[SourceSpec], external, key: str, folder: Path, progress: bool) -> None:
+def _build(cfg: DataConfig, specs: list[SourceSpec], external, key: str, folder: Path, progress: bool,
+           model_vocab_size: Optional[int] = None) -> None:
     from tqdm.auto import tqdm
 
     if external is None:
@@ -252,8 +296,13 @@ def _build(cfg: DataConfig, specs: list[SourceSpec], external, key: str, folder:
         tok, eos_id, _ = external
     tok.save(str(folder / "tokenizer.json"))
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
-    dtype = token_dtype(vocab_size)
-    splitters = [_SourceSplitter(folder, i, dtype, cfg) for i in range(len(specs))]
+    requested = cfg.vocab_size if external is None else None
+    max_id = max(max_token_id(tok), eos_id)  # ids can have gaps: the count does not bound them
+    if model_vocab_size is not None:
+        where = describe_tokenizer(requested, vocab_size, cfg.tokenizer)
+        check_model_vocab(model_vocab_size, cfg.pad_vocab_to_multiple_of, max_id, where)
+    dtype = token_dtype(max_id)
+    splitters = [_SourceSplitter(folder, i, spec, dtype, max_id, cfg) for i, spec in enumerate(specs)]
     utf8 = BadUtf8(cfg.on_bad_utf8)
     started = time.perf_counter()
     bar = tqdm(desc=f"tokenizing {cfg.name}", unit="tok", unit_scale=True, disable=not progress, file=sys.stderr)
@@ -308,7 +357,8 @@ def _build(cfg: DataConfig, specs: list[SourceSpec], external, key: str, folder:
         "key": key,
         "name": cfg.name,
         "vocab_size": vocab_size,
-        "requested_vocab_size": cfg.vocab_size if external is None else None,
+        "requested_vocab_size": requested,
+        "max_token_id": max_id,
         "eos_id": eos_id,
         "dtype": dtype.name,
         "tokenizer": "tokenizer.json",
@@ -350,16 +400,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         from llmtrain.cli import compose
 
-        data_cfg = compose(argv).data
+        cfg = compose(argv)
         started = time.perf_counter()
-        folder = prepare(data_cfg, progress=True)
+        folder = prepare(cfg.data, progress=True, model_vocab_size=cfg.model.vocab_size)
         meta = load_meta(folder)
+        max_id = cached_max_token_id(folder, meta)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
     train = sum(s["splits"]["train"]["tokens"] for s in meta["sources"])
     val = sum(s["splits"]["val"]["tokens"] for s in meta["sources"])
-    print(f"{folder}: {train:,} train + {val:,} val tokens, vocab {meta['vocab_size']}, "
+    print(f"{folder}: {train:,} train + {val:,} val tokens, vocab {meta['vocab_size']} (ids up to {max_id}), "
           f"{meta['dtype']} ({time.perf_counter() - started:.1f}s)")
 
 

@@ -1,8 +1,8 @@
 """Binary token shards: a writer that rolls files at ``shard_tokens``, and a memory-mapped reader.
 
 A split of a source is one logical token stream stored as consecutive ``.bin`` files of raw
-little-endian uint16 (vocab < 65536) or uint32 ids. ``meta.json`` beside them lists every file
-with its token count; the reader refuses files whose size disagrees with it.
+little-endian uint16 (every id the tokenizer can emit is < 65536) or uint32 ids. ``meta.json``
+beside them lists every file with its token count; the reader refuses files whose size disagrees.
 """
 
 from __future__ import annotations
@@ -14,34 +14,59 @@ import numpy as np
 from llmtrain.errors import DataError
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size < 2**16 else np.dtype(np.uint32)
+def token_dtype(max_token_id: int) -> np.dtype:
+    """The narrowest shard dtype that holds every id up to ``max_token_id``."""
+    return np.dtype(np.uint16) if max_token_id < 2**16 else np.dtype(np.uint32)
 
 
 class ShardWriter:
     """Appends token arrays to ``<prefix>.00000.bin``, ``<prefix>.00001.bin``, ...
 
     Documents arrive one at a time; they are buffered to ~1M tokens so the file sees few, large writes.
+    Every ~64K tokens of documents are checked against ``max_id`` (the tokenizer's largest id, which
+    ``dtype`` holds) in one pass and only then narrowed to ``dtype``: an id that does not fit is a
+    DataError naming ``source``, never a silent wrap-around.
     """
 
     BUFFER_TOKENS = 1 << 20
+    CHECK_TOKENS = 1 << 16  # few numpy calls per document, and few pinned batches behind the views
 
-    def __init__(self, folder: Path, prefix: str, dtype: np.dtype, shard_tokens: int):
+    def __init__(self, folder: Path, prefix: str, dtype: np.dtype, shard_tokens: int, *, source: str, max_id: int):
+        if max_id > np.iinfo(dtype).max:
+            raise ValueError(f"max_id {max_id} does not fit {dtype.name}")
         self.folder, self.prefix, self.dtype, self.shard_tokens = folder, prefix, dtype, shard_tokens
+        self.source, self.max_id = source, max_id
         self.shards: list[dict] = []
         self.total = 0
         self._fh = None
         self._in_current = 0
-        self._buffer: list[np.ndarray] = []
+        self._unchecked: list[np.ndarray] = []  # documents as given (often views into a tokenized batch)
+        self._unchecked_tokens = 0
+        self._buffer: list[np.ndarray] = []  # checked, narrowed to dtype
         self._buffered = 0
 
     def write(self, tokens: np.ndarray) -> None:
-        self._buffer.append(tokens.astype(self.dtype))
-        self._buffered += len(tokens)
+        self._unchecked.append(tokens)
+        self._unchecked_tokens += len(tokens)
+        if self._unchecked_tokens >= self.CHECK_TOKENS:
+            self._narrow()
         if self._buffered >= self.BUFFER_TOKENS:
             self._flush()
 
+    def _narrow(self) -> None:
+        if not self._unchecked:
+            return
+        tokens = np.concatenate(self._unchecked)
+        self._unchecked, self._unchecked_tokens = [], 0
+        top = int(tokens.max()) if len(tokens) else 0
+        if top > self.max_id:
+            raise DataError(self.source, f"token id {top} is above {self.max_id}, the largest id the tokenizer lists "
+                            f"and these {self.dtype.name} shards were sized for")
+        self._buffer.append(tokens.astype(self.dtype))
+        self._buffered += len(tokens)
+
     def _flush(self) -> None:
+        self._narrow()
         if not self._buffer:
             return
         tokens = np.concatenate(self._buffer)

@@ -43,6 +43,26 @@ def train_bpe(texts: Iterable[str], vocab_size: int, show_progress: bool = False
     return tok
 
 
+def max_token_id(tok: Tokenizer) -> int:
+    """The largest id ``tok`` can emit; it can exceed ``get_vocab_size() - 1`` when the ids have gaps."""
+    return max(tok.get_vocab(with_added_tokens=True).values(), default=0)
+
+
+def check_model_vocab(model_vocab_size: int, pad_to_multiple_of: int, max_id: int, tokenizer: str) -> None:
+    """ConfigError unless the model's embedding has a row for every id the tokenizer emits.
+
+    ``tokenizer`` describes where the ids come from (a path, or the BPE and its data.vocab_size).
+    With ``data.pad_vocab_to_multiple_of`` > 0 the embedding is sized from the tokenizer instead.
+    """
+    if pad_to_multiple_of > 0 or model_vocab_size > max_id:
+        return
+    raise ConfigError(
+        "model.vocab_size",
+        f"{model_vocab_size} is too small: the tokenizer emits ids up to {max_id} ({tokenizer}); "
+        f"set model.vocab_size={max_id + 1} or data.pad_vocab_to_multiple_of=64",
+    )
+
+
 def _eos_from_config(folder: Path) -> Optional[str]:
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         cfg = folder / name
