@@ -127,7 +127,8 @@ class Trainer:
 
         check_fits(cfg, env.world_size, env.strategy, env.device)  # before any data preparation or allocation
         self.data = build_data(cfg.data, seq_len=t.seq_len, seed=t.seed, rank=env.rank, world_size=env.world_size,
-                               micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size)
+                               micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
+                               evals=t.eval_every > 0)
         cfg.model.vocab_size = check_vocab(cfg.model.vocab_size, self.data, cfg.data.pad_vocab_to_multiple_of)
         self.config = OmegaConf.to_container(OmegaConf.structured(cfg))  # what runs, as config.yaml records it
 
