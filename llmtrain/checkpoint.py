@@ -6,7 +6,8 @@ states, data-loader position, counters, W&B run id) and a ``COMPLETE`` marker wr
 Multi-process runs write ``dcp/`` (torch.distributed.checkpoint shards, one set per rank) in place
 of model.pt/optim.pt; ``restore`` loads either layout on any world size (see below).
 A checkpoint is written under ``.tmp_step_N`` and renamed into place, so a crash mid-save never
-leaves a directory that looks valid. Everything loads with ``weights_only=True``.
+leaves a directory that looks valid. Nothing in a checkpoint can run code when loaded: ``.pt`` files
+load with ``weights_only=True``, DCP metadata and shards through ``checkpoint_safety``.
 """
 
 from __future__ import annotations
@@ -63,12 +64,9 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Optional[Path]:
 
 
 def _load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(str(path), "missing from checkpoint") from None
-    except Exception as err:  # corrupt or non-weights content
-        raise UserError(str(path), f"cannot be loaded with weights_only=True ({type(err).__name__})") from None
+    from llmtrain.checkpoint_safety import load_weights_only
+
+    return load_weights_only(path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -267,20 +265,18 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Modu
 
 
 def _read_metadata(ckpt_dir: Path):
-    import torch.distributed.checkpoint as dcp
+    from llmtrain.checkpoint_safety import read_dcp_metadata
 
-    try:
-        return dcp.FileSystemReader(str(ckpt_dir / DCP_DIR)).read_metadata()
-    except Exception as err:
-        raise UserError(str(ckpt_dir / DCP_DIR), f"unreadable sharded checkpoint ({type(err).__name__}: {err})") from None
+    return read_dcp_metadata(ckpt_dir / DCP_DIR)
 
 
-def _dcp_load(template: dict[str, Any], ckpt_dir: Path) -> None:
+def _dcp_load(template: dict[str, Any], ckpt_dir: Path, no_dist: bool = False) -> None:
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
 
-    no_dist = not (dist.is_available() and dist.is_initialized())
-    dcp.load(template, storage_reader=dcp.FileSystemReader(str(ckpt_dir / DCP_DIR)), no_dist=no_dist)
+    from llmtrain.checkpoint_safety import dcp_load
+
+    no_dist = no_dist or not (dist.is_available() and dist.is_initialized())
+    dcp_load(template, ckpt_dir / DCP_DIR, no_dist=no_dist)
 
 
 def _empty_like_target(size, dtype, target: torch.Tensor) -> torch.Tensor:
@@ -305,12 +301,10 @@ def load_model_state(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
         raise UserError(str(ckpt_dir), f"not a complete checkpoint (no {MARKER} marker)")
     if not is_sharded_checkpoint(ckpt_dir):
         return _load(ckpt_dir / "model.pt")
-    import torch.distributed.checkpoint as dcp
-
     meta = _read_metadata(ckpt_dir)
     template = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
                 if k.startswith("model/") and isinstance(m, TensorStorageMetadata)}
-    dcp.load(template, storage_reader=dcp.FileSystemReader(str(ckpt_dir / DCP_DIR)), no_dist=True)
+    _dcp_load(template, ckpt_dir, no_dist=True)  # every rank stitches the whole model itself
     return {k[len("model/"):]: v for k, v in template.items()}
 
 
