@@ -1,7 +1,7 @@
 """Nothing in a checkpoint can run code: a payload (a pickle whose ``__reduce__`` is ``os.system``)
 planted in each file of each layout is refused with a one-line CheckpointError by ``restore``,
 ``load_model_state`` (export and ``model.init_from`` of a checkpoint go through it) and
-``llmtrain-export``, and the payload never runs."""
+``llmtrain-export``, and the payload never runs. Hugging Face folders for ``model.init_from`` too."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from llmtrain import checkpoint
 from llmtrain.errors import CheckpointError
-from llmtrain.export import main
+from llmtrain.export import load_init_weights, main, to_hf
 from llmtrain.models import build_model
 from llmtrain.optim import build_optimizer
 
@@ -281,3 +281,57 @@ def test_planner_refuses_pickled_entries_even_with_unchecked_metadata(tmp_path):
         TensorOnlyLoadPlanner().load_bytes(item, io.BytesIO(torch_saved(Payload(sentinel))))
     assert not sentinel.exists()
 
+
+# ---------------------------------------------------------------------------------------------
+# model.init_from: a Hugging Face folder
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hf_dir(tmp_path) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path / "hf"
+    to_hf(build_model(MODEL)).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_init_from_hf_bin_runs_no_payload(hf_dir, tmp_path, kind):
+    sentinel = tmp_path / "pwned"
+    (hf_dir / "model.safetensors").unlink()
+    payload = Payload(sentinel)
+    blob = {"pickle": pickle.dumps(payload), "torch": torch_saved(payload),
+            "nested": torch_saved({"model.norm.weight": torch.ones(64), "extra": payload})}[kind]
+    (hf_dir / "pytorch_model.bin").write_bytes(blob)
+    with pytest.raises(CheckpointError, match="pytorch_model.bin") as err:
+        load_init_weights(build_model(MODEL), hf_dir)
+    assert "\n" not in str(err.value)
+    assert not sentinel.exists()
+
+
+def test_init_from_hf_damaged_safetensors_is_a_checkpoint_error(hf_dir, tmp_path):
+    sentinel = tmp_path / "pwned"
+    (hf_dir / "model.safetensors").write_bytes(pickle.dumps(Payload(sentinel)))
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_init_weights(build_model(MODEL), hf_dir)
+    assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "evil"])
+def test_init_from_hf_never_runs_the_folders_own_code(hf_dir, tmp_path, model_type):
+    """``auto_map`` code in the folder is never imported (transformers would ask on a terminal)."""
+    sentinel = tmp_path / "pwned"
+    config = json.loads((hf_dir / "config.json").read_text())
+    config.update(model_type=model_type, auto_map={"AutoConfig": "configuration_evil.EvilConfig",
+                                                   "AutoModelForCausalLM": "modeling_evil.EvilModel"})
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    code = f"import os\nos.system(\"touch '{sentinel}'\")\nfrom transformers import LlamaConfig as EvilConfig\n"
+    (hf_dir / "configuration_evil.py").write_text(code)
+    (hf_dir / "modeling_evil.py").write_text(code.replace("LlamaConfig as EvilConfig", "LlamaForCausalLM as EvilModel"))
+    model = build_model(MODEL)
+    if model_type == "llama":  # transformers' own class serves it
+        load_init_weights(model, hf_dir)
+    else:
+        with pytest.raises(CheckpointError, match="custom code"):
+            load_init_weights(model, hf_dir)
+    assert not sentinel.exists()
