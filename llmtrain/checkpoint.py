@@ -7,7 +7,8 @@ trained with) and a ``COMPLETE`` manifest written last (each file's size and sha
 Multi-process runs write ``dcp/`` (torch.distributed.checkpoint shards, one set per rank) in place
 of model.pt/optim.pt; ``restore`` loads either layout on any world size (see below). How a
 checkpoint reaches the disk (temporary name, fsync, manifest, rename, pruning) is
-``llmtrain.checkpoint_store``. Everything loads with ``weights_only=True``.
+``llmtrain.checkpoint_store``. Nothing in a checkpoint can run code when loaded: ``.pt`` files load
+with ``weights_only=True``, DCP metadata and shards through ``llmtrain.checkpoint_safety``.
 """
 
 from __future__ import annotations
@@ -38,12 +39,9 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Optional[Path]:
 
 
 def _load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(str(path), "damaged: missing from the checkpoint") from None
-    except Exception as err:  # truncated, garbage, or content weights_only refuses
-        raise CheckpointError(str(path), f"damaged: not a loadable tensor file ({type(err).__name__})") from None
+    from llmtrain.checkpoint_safety import load_weights_only
+
+    return load_weights_only(path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -289,21 +287,18 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Modu
 
 
 def _read_metadata(ckpt_dir: Path):
-    import torch.distributed.checkpoint as dcp
+    from llmtrain.checkpoint_safety import read_dcp_metadata
 
-    try:
-        return dcp.FileSystemReader(str(ckpt_dir / DCP_DIR)).read_metadata()
-    except Exception as err:
-        raise CheckpointError(str(ckpt_dir / DCP_DIR),
-                              f"damaged: unreadable sharded checkpoint ({type(err).__name__})") from None
+    return read_dcp_metadata(ckpt_dir / DCP_DIR)
 
 
-def _dcp_load(template: dict[str, Any], ckpt_dir: Path) -> None:
+def _dcp_load(template: dict[str, Any], ckpt_dir: Path, no_dist: bool = False) -> None:
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
 
-    no_dist = not (dist.is_available() and dist.is_initialized())
-    dcp.load(template, storage_reader=dcp.FileSystemReader(str(ckpt_dir / DCP_DIR)), no_dist=no_dist)
+    from llmtrain.checkpoint_safety import dcp_load
+
+    no_dist = no_dist or not (dist.is_available() and dist.is_initialized())
+    dcp_load(template, ckpt_dir / DCP_DIR, no_dist=no_dist)
 
 
 def _empty_like_target(size, dtype, target: torch.Tensor) -> torch.Tensor:
@@ -328,12 +323,10 @@ def load_model_state(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
         raise UserError(str(ckpt_dir), f"not a complete checkpoint (no {MARKER} marker)")
     if not is_sharded_checkpoint(ckpt_dir):
         return _load(ckpt_dir / "model.pt")
-    import torch.distributed.checkpoint as dcp
-
     meta = _read_metadata(ckpt_dir)
     template = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
                 if k.startswith("model/") and isinstance(m, TensorStorageMetadata)}
-    dcp.load(template, storage_reader=dcp.FileSystemReader(str(ckpt_dir / DCP_DIR)), no_dist=True)
+    _dcp_load(template, ckpt_dir, no_dist=True)  # every rank stitches the whole model itself
     return {k[len("model/"):]: v for k, v in template.items()}
 
 

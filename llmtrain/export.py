@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from llmtrain.errors import ConfigError, UserError
+from llmtrain.errors import CheckpointError, ConfigError, UserError
 from llmtrain.models import DecoderLM, ModelConfig, build_model, to_model_config
 from llmtrain.models.llama import llama_ffn_hidden
 
@@ -247,6 +247,21 @@ def from_hf(hf_model) -> DecoderLM:
     return _materialise(cfg, {k: v.float() for k, v in sd.items()}).to(dtype)
 
 
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _from_pretrained(cls, path: Path, blame: Path, **kwargs):
+    """``cls.from_pretrained(path)`` that never imports the folder's own code (``auto_map``); weights
+    load as safetensors or with weights_only=True. A failure is a one-line CheckpointError on ``blame``."""
+    from llmtrain.checkpoint_safety import quiet_load_warnings, reason
+
+    try:
+        with quiet_load_warnings():
+            return cls.from_pretrained(path, trust_remote_code=False, **kwargs)
+    except Exception as err:
+        raise CheckpointError(str(blame), reason(err)) from None
+
+
 _SHAPE_FIELDS = ("family", "n_layers", "d_model", "n_heads", "n_kv_heads", "vocab_size", "tie_embeddings")
 
 
@@ -267,9 +282,10 @@ def load_init_weights(model: DecoderLM, path: str | Path) -> None:
     if not (path / "config.json").is_file():
         raise ConfigError("model.init_from", f"{path} is not a Hugging Face model directory (no config.json), "
                                              f"nor an llmtrain checkpoint or run directory")
-    hf_cfg = model_config_from_hf(AutoConfig.from_pretrained(path))
+    hf_cfg = model_config_from_hf(_from_pretrained(AutoConfig, path, path / "config.json"))
     _check_same_shape(hf_cfg, model.cfg, path)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    weights = next((path / name for name in _HF_WEIGHTS if (path / name).is_file()), path)
+    hf = _from_pretrained(AutoModelForCausalLM, path, weights, dtype=torch.float32)
     sd = state_dict_from_hf({k: v.detach() for k, v in hf.state_dict().items()}, hf_cfg)
     model.load_state_dict(sd, strict=True)
 

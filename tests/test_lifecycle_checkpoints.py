@@ -92,7 +92,7 @@ DAMAGE = {
     "missing trainer.pt": (lambda c: (c / "trainer.pt").unlink(), "damaged: trainer.pt is missing"),
     "empty-dict trainer.pt": (lambda c: _rewrite_with_manifest(c, "trainer.pt", {}), "damaged: lacks step"),
     "garbage model.pt, old marker": (lambda c: ((c / "model.pt").write_bytes(b"garbage" * 99),
-                                               (c / "COMPLETE").write_text("step 4\n")), "not a loadable tensor file"),
+                                               (c / "COMPLETE").write_text("step 4\n")), "damaged: not a loadable weights file"),
     "unreadable marker": (lambda c: (c / "COMPLETE").write_text("{not json"), "unreadable COMPLETE marker"),
 }
 
