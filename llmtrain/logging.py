@@ -1,4 +1,5 @@
-"""What a person sees: a progress bar, metrics.jsonl, summary.json, loss.png and W&B.
+"""What a person sees: a progress bar (plain lines when output is not a terminal), metrics.jsonl,
+summary.json, loss.png and W&B.
 
 Only rank 0 writes. One small interface (``RunLogger.log_train / log_eval / summary / close``);
 wandb and matplotlib are imported only when used.
@@ -10,8 +11,11 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+from llmtrain.console import RecentRate, format_eta, is_terminal
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -67,15 +71,27 @@ class WandbSink:
 
 
 class ProgressBar:
-    def __init__(self, total: int, initial: int, enabled: bool):
+    """A tqdm bar when ``bar`` (a terminal); otherwise one plain line per logged step, flushed at once:
+    ``step 120/5000 | loss 3.412 | lr 6.0e-04 | 52,310 tok/s | eta 1h12m``. Nothing when not ``enabled``."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, bar: bool = False,
+                 clock: Callable[[], float] = time.monotonic):
+        self.total, self.enabled = total, enabled
+        self.rate = RecentRate(start=initial, clock=clock)  # ETA from the recent logged steps' wall-clock rate
         self.bar = None
-        if enabled:
+        if enabled and bar:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
 
     def update(self, step: int, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         if self.bar is None:
+            self.rate.add(step)
+            eta = format_eta(self.rate.eta(self.total - step))
+            self.write(f"step {step}/{self.total} | loss {row['loss']:.3f} | lr {row['lr']:.1e} | "
+                       f"{row['tokens_per_s']:,.0f} tok/s | eta {eta}")
             return
         self.bar.n = step
         self.bar.set_postfix_str(
@@ -84,7 +100,10 @@ class ProgressBar:
         self.bar.refresh()
 
     def write(self, text: str) -> None:
-        (self.bar.write if self.bar is not None else print)(text)
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)  # a log file is block-buffered: show each line when it happens
 
     def close(self) -> None:
         if self.bar is not None:
@@ -100,7 +119,7 @@ class RunLogger:
         self.train_rows: list[dict[str, Any]] = []
         self.eval_rows: list[dict[str, Any]] = []
         self.wandb: Optional[WandbSink] = None
-        self.bar = ProgressBar(total_steps, start_step, enabled and progress)
+        self.bar = ProgressBar(total_steps, start_step, enabled, bar=progress and is_terminal())
         if not enabled:
             return
         self.metrics_path = self.run_dir / "metrics.jsonl"
