@@ -105,6 +105,41 @@ def hydra_job() -> tuple[list[str], Optional[str]]:
     return list(hydra_cfg.overrides.task), sweep
 
 
+def job_header(num: int, count: Optional[int], overrides: Sequence[str], swept: Sequence[str]) -> str:
+    """``[job 2/6] optim=lion optim.lr=1e-3``: a multirun job (``num`` from 0) and the overrides it sweeps
+    (all of its overrides when nothing is swept)."""
+    swept_keys = {k.lstrip("+~") for k in swept}
+    shown = [_shown(o) for o in overrides if _override_key(o) in swept_keys] or [_shown(o) for o in overrides]
+    position = f"{num + 1}/{count}" if count else f"{num + 1}"
+    return " ".join([f"[job {position}]", *shown])
+
+
+def sweep_shape(overrides: Sequence[str]) -> tuple[Optional[int], list[str]]:
+    """How many jobs a multirun launches (None if unknown) and which keys it sweeps."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    count, swept = 1, []
+    try:
+        for override in OverridesParser.create().parse_overrides(list(overrides)):
+            if override.is_sweep_override():
+                count *= len(list(override.sweep_string_iterator()))
+                swept.append(override.key_or_group)
+    except Exception:  # glob() and other sweeps that need the config repository to expand
+        return None, swept
+    return count, swept
+
+
+def print_job_header(argv: Sequence[str]) -> None:
+    """Print this multirun job's header line (rank 0 only), so a sweep's log says which job is which."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    count, swept = sweep_shape([a for a in argv if not a.startswith("-")])
+    hydra_cfg = HydraConfig.get()
+    print(job_header(hydra_cfg.job.num, count, hydra_cfg.overrides.task, swept), flush=True)
+
+
 class WandbSink:
     """W&B in online/offline mode, resumable by run id. Named from the experiment and the overrides,
     grouped by the multirun sweep (the group ``llmtrain-report`` logs to), unless the config names them."""

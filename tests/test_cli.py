@@ -42,6 +42,8 @@ def test_multirun_sweep_writes_one_run_per_job(corpus, data_cache, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     summaries = {json.loads((sweep / n / "summary.json").read_text())["optimizer"] for n in ("0", "1")}
     assert summaries == {"adamw", "lion"}
+    headers = [line for line in result.stdout.splitlines() if line.startswith("[job ")]
+    assert headers == ["[job 1/2] optim=adamw", "[job 2/2] optim=lion"]
     assert "\r" not in result.stdout + result.stderr
     inits = [json.loads((sweep / n / "wandb_init.json").read_text()) for n in ("0", "1")]
     assert [i["mode"] for i in inits] == ["offline", "offline"]  # WANDB_MODE, not "logged in or not"

@@ -1,4 +1,4 @@
-"""W&B modes, run names and groups, and the loss plot."""
+"""W&B modes, run names and groups, the multirun job header, and the loss plot."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from llmtrain.cli import compose
 from llmtrain.config import LoggerConfig, WandbConfig
 from llmtrain.errors import ConfigError
-from llmtrain.logging import RunLogger, run_name, wandb_logged_in, wandb_mode
+from llmtrain.logging import RunLogger, job_header, run_name, sweep_shape, wandb_logged_in, wandb_mode
 from llmtrain.trainer import Trainer
 
 from conftest import tiny_overrides
@@ -146,3 +146,14 @@ def test_run_name_lists_the_overrides_that_describe_the_run():
     assert run_name(experiment, ["optim=lion"]) == "gpt2_124m_adamw optim=lion"
     long = run_name(CONFIG, [f"optim.k{i}={i}" for i in range(40)])
     assert len(long) == 128 and long.endswith("…")
+
+
+def test_job_header_shows_the_swept_overrides():
+    task = ["++optim.lr=1e-3", "optim=lion", "train.max_steps=100"]
+    assert job_header(1, 6, task, ["optim", "optim.lr"]) == "[job 2/6] optim.lr=1e-3 optim=lion"
+    assert job_header(0, 1, task, []) == "[job 1/1] optim.lr=1e-3 optim=lion train.max_steps=100"
+    assert job_header(3, None, task, ["optim"]) == "[job 4] optim=lion"
+    sweep = ["optim=adamw,lion,muon", "optim.lr=1e-3,3e-3", "train.max_steps=10"]
+    assert sweep_shape(sweep) == (6, ["optim", "optim.lr"])
+    assert sweep_shape(["++optim.lr=range(1,4)", "optim=lion"]) == (3, ["optim.lr"])
+    assert sweep_shape(["optim=glob(*)"]) == (None, [])
