@@ -218,6 +218,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     @hydra.main(config_path=str(path), config_name="train", version_base=None)
     def _task(cfg_node):
+        if multirun:
+            from llmtrain.logging import print_job_header
+
+            print_job_header(argv)
         try:
             summary = run_job(cfg_node)
         except UserError as err:

@@ -1,4 +1,5 @@
-"""What a person sees: a progress bar, metrics.jsonl, summary.json, loss.png and W&B.
+"""What a person sees: a progress bar (plain lines when output is not a terminal), metrics.jsonl,
+summary.json, loss.png and W&B.
 
 Only rank 0 writes. One small interface (``RunLogger.log_train / log_eval / summary / close``);
 wandb and matplotlib are imported only when used.
@@ -10,8 +11,12 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
+
+from llmtrain.console import RecentRate, format_eta, is_terminal
+from llmtrain.errors import ConfigError, choices
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -37,23 +42,123 @@ def wandb_logged_in() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-class WandbSink:
-    """W&B in online/offline mode, resumable by run id."""
+# WANDB_MODE values wandb accepts, as the mode they mean (dryrun and run are its old names).
+WANDB_ENV_MODES = {"online": "online", "offline": "offline", "disabled": "disabled", "dryrun": "offline",
+                   "run": "online", "shared": "shared"}
 
-    def __init__(self, cfg, run_dir: Path, config: dict, run_id: Optional[str]):
+
+def wandb_mode(configured: str) -> str:
+    """The mode a run logs in. ``auto``: WANDB_MODE (or WANDB_DISABLED) from the environment when set,
+    else online when logged in, else offline. A mode set in the config is used as it is."""
+    if configured != "auto":
+        return configured
+    if os.environ.get("WANDB_DISABLED", "").strip().lower() in ("1", "true", "yes"):
+        return "disabled"
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if not env:
+        return "online" if wandb_logged_in() else "offline"
+    if env not in WANDB_ENV_MODES:
+        raise ConfigError("WANDB_MODE", f"got {env!r}, expected {choices(WANDB_ENV_MODES)}")
+    return WANDB_ENV_MODES[env]
+
+
+# Overrides that say where or how a run is logged, not what it trains: left out of its W&B name.
+_NOT_IN_NAME = ("run_dir", "resume", "dry_run", "experiment", "data.cache_dir", "train.progress_bar")
+
+
+def _override_key(override: str) -> str:
+    return override.lstrip("+~").partition("=")[0]
+
+
+def _shown(override: str) -> str:
+    """An override as a person wrote it: without the ``++`` the CLI adds to ``optim.*`` keys."""
+    return override if override.startswith("~") else override.lstrip("+")
+
+
+def run_name(config: dict, overrides: Sequence[str], limit: int = 128) -> str:
+    """``gpt2_124m_adamw optim.lr=3e-4``: the experiment (else model_optimizer) and the overrides that
+    describe the run; values over 32 characters keep their tail, the whole at most ``limit``."""
+    experiment = config.get("experiment")
+    parts = [str(experiment or "_".join(str((config.get(k) or {}).get("name", k)) for k in ("model", "optim")))]
+    for override in overrides:
+        key = _override_key(override)
+        if key in _NOT_IN_NAME or key.startswith(("hydra.", "logger.")):
+            continue
+        if not experiment and key in ("model", "optim"):
+            continue  # already the name's first word
+        text = _shown(override)
+        name, eq, value = text.partition("=")
+        parts.append(f"{name}={value if len(value) <= 32 else '…' + value[-31:]}" if eq else text)
+    name = " ".join(parts)
+    return name if len(name) <= limit else name[:limit - 1] + "…"
+
+
+def hydra_job() -> tuple[list[str], Optional[str]]:
+    """This Hydra job's command-line overrides and, in a multirun, its sweep folder; ([], None) outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return [], None
+    hydra_cfg = HydraConfig.get()
+    sweep = str(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
+    return list(hydra_cfg.overrides.task), sweep
+
+
+def job_header(num: int, count: Optional[int], overrides: Sequence[str], swept: Sequence[str]) -> str:
+    """``[job 2/6] optim=lion optim.lr=1e-3``: a multirun job (``num`` from 0) and the overrides it sweeps
+    (all of its overrides when nothing is swept)."""
+    swept_keys = {k.lstrip("+~") for k in swept}
+    shown = [_shown(o) for o in overrides if _override_key(o) in swept_keys] or [_shown(o) for o in overrides]
+    position = f"{num + 1}/{count}" if count else f"{num + 1}"
+    return " ".join([f"[job {position}]", *shown])
+
+
+def sweep_shape(overrides: Sequence[str]) -> tuple[Optional[int], list[str]]:
+    """How many jobs a multirun launches (None if unknown) and which keys it sweeps."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    count, swept = 1, []
+    try:
+        for override in OverridesParser.create().parse_overrides(list(overrides)):
+            if override.is_sweep_override():
+                count *= len(list(override.sweep_string_iterator()))
+                swept.append(override.key_or_group)
+    except Exception:  # glob() and other sweeps that need the config repository to expand
+        return None, swept
+    return count, swept
+
+
+def print_job_header(argv: Sequence[str]) -> None:
+    """Print this multirun job's header line (rank 0 only), so a sweep's log says which job is which."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    count, swept = sweep_shape([a for a in argv if not a.startswith("-")])
+    hydra_cfg = HydraConfig.get()
+    print(job_header(hydra_cfg.job.num, count, hydra_cfg.overrides.task, swept), flush=True)
+
+
+class WandbSink:
+    """W&B in online/offline mode, resumable by run id. Named from the experiment and the overrides,
+    grouped by the multirun sweep (the group ``llmtrain-report`` logs to), unless the config names them."""
+
+    def __init__(self, cfg, run_dir: Path, config: dict, run_id: Optional[str], mode: str):
         import wandb  # lazy: only when enabled
 
-        mode = cfg.mode
-        if mode == "auto":
-            mode = "online" if wandb_logged_in() else "offline"
+        overrides, sweep = hydra_job()
+        name = cfg.name or run_name(config, overrides)
+        group = cfg.group or (Path(sweep).resolve().name if sweep else None)
         self.run = wandb.init(
-            project=cfg.project, entity=cfg.entity, group=cfg.group, name=cfg.name or run_dir.name,
+            project=cfg.project, entity=cfg.entity, group=group, name=name,
             dir=str(run_dir), config=config, mode=mode, id=run_id, resume="allow" if run_id else None,
             settings=wandb.Settings(silent=True),
         )
         self.run_id = self.run.id
         if mode == "offline":
-            print(f"wandb: offline run in {run_dir}/wandb; upload it later with `wandb sync {run_dir}/wandb/offline-run-*`")
+            print(f"wandb: offline run in {run_dir}/wandb; "
+                  f"upload it later with `wandb sync {run_dir}/wandb/offline-run-*`", flush=True)
 
     def log(self, row: dict[str, Any]) -> None:
         step = row.get("step")
@@ -67,15 +172,27 @@ class WandbSink:
 
 
 class ProgressBar:
-    def __init__(self, total: int, initial: int, enabled: bool):
+    """A tqdm bar when ``bar`` (a terminal); otherwise one plain line per logged step, flushed at once:
+    ``step 120/5000 | loss 3.412 | lr 6.0e-04 | 52,310 tok/s | eta 1h12m``. Nothing when not ``enabled``."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, bar: bool = False,
+                 clock: Callable[[], float] = time.monotonic):
+        self.total, self.enabled = total, enabled
+        self.rate = RecentRate(start=initial, clock=clock)  # ETA from the recent logged steps' wall-clock rate
         self.bar = None
-        if enabled:
+        if enabled and bar:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
 
     def update(self, step: int, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         if self.bar is None:
+            self.rate.add(step)
+            eta = format_eta(self.rate.eta(self.total - step))
+            self.write(f"step {step}/{self.total} | loss {row['loss']:.3f} | lr {row['lr']:.1e} | "
+                       f"{row['tokens_per_s']:,.0f} tok/s | eta {eta}")
             return
         self.bar.n = step
         self.bar.set_postfix_str(
@@ -84,7 +201,10 @@ class ProgressBar:
         self.bar.refresh()
 
     def write(self, text: str) -> None:
-        (self.bar.write if self.bar is not None else print)(text)
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)  # a log file is block-buffered: show each line when it happens
 
     def close(self) -> None:
         if self.bar is not None:
@@ -100,13 +220,14 @@ class RunLogger:
         self.train_rows: list[dict[str, Any]] = []
         self.eval_rows: list[dict[str, Any]] = []
         self.wandb: Optional[WandbSink] = None
-        self.bar = ProgressBar(total_steps, start_step, enabled and progress)
+        self.bar = ProgressBar(total_steps, start_step, enabled, bar=progress and is_terminal())
         if not enabled:
             return
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self._reload_history(start_step)
-        if logger_cfg.wandb.mode != "disabled":
-            self.wandb = WandbSink(logger_cfg.wandb, self.run_dir, config, wandb_run_id)
+        mode = wandb_mode(logger_cfg.wandb.mode)
+        if mode != "disabled":
+            self.wandb = WandbSink(logger_cfg.wandb, self.run_dir, config, wandb_run_id, mode)
 
     @property
     def wandb_run_id(self) -> Optional[str]:

@@ -13,17 +13,45 @@ import pytest
 from conftest import REPO, tiny_overrides
 
 
+# A stand-in ``wandb`` package for subprocesses: it records init's arguments beside the run.
+FAKE_WANDB = """
+import json, os
+Settings = dict
+class _Run:
+    id, summary = "fake1", {}
+    def log(self, row, step=None): pass
+    def finish(self): pass
+def init(**kw):
+    with open(os.path.join(kw["dir"], "wandb_init.json"), "w") as f:
+        json.dump({k: kw[k] for k in ("name", "group", "mode")}, f)
+    return _Run()
+"""
+
+
 @pytest.mark.slow
 def test_multirun_sweep_writes_one_run_per_job(corpus, data_cache, tmp_path):
     sweep = tmp_path / "sweep"
-    args = [o for o in tiny_overrides(corpus, data_cache, tmp_path, **{"train.max_steps": 3, "train.eval_every": 3})
-            if not o.startswith("run_dir=")]
+    (tmp_path / "fake" / "wandb").mkdir(parents=True)
+    (tmp_path / "fake" / "wandb" / "__init__.py").write_text(FAKE_WANDB)
+    extra = {"train.max_steps": 3, "train.eval_every": 3, "logger.wandb.mode": "auto"}
+    args = [o for o in tiny_overrides(corpus, data_cache, tmp_path, **extra) if not o.startswith("run_dir=")]
     cmd = [sys.executable, "-m", "llmtrain", "-m", "optim=adamw,lion", f"hydra.sweep.dir={sweep}", *args]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "WANDB_MODE": "disabled"})
+    fake_first = os.pathsep.join([str(tmp_path / "fake"), str(REPO)])
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_API_KEY": "not-a-key", "PYTHONPATH": fake_first}
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     summaries = {json.loads((sweep / n / "summary.json").read_text())["optimizer"] for n in ("0", "1")}
     assert summaries == {"adamw", "lion"}
+    headers = [line for line in result.stdout.splitlines() if line.startswith("[job ")]
+    assert headers == ["[job 1/2] optim=adamw", "[job 2/2] optim=lion"]
+    assert "\r" not in result.stdout + result.stderr
+    inits = [json.loads((sweep / n / "wandb_init.json").read_text()) for n in ("0", "1")]
+    assert [i["mode"] for i in inits] == ["offline", "offline"]  # WANDB_MODE, not "logged in or not"
+    assert [i["group"] for i in inits] == ["sweep", "sweep"]  # the sweep folder, as llmtrain-report's group
+    names = [i["name"] for i in inits]
+    assert [n.split(" ")[0] for n in names] == ["llama_tiny_adamw", "llama_tiny_lion"]
+    assert all("model.n_layers=2" in n and len(n) <= 128 for n in names), names
+    assert not any(word in n for n in names for word in (" optim=", "logger.", "cache_dir", "run_dir")), names
 
 
 def test_console_script_is_installed():

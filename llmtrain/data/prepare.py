@@ -17,6 +17,7 @@ document when f > 0. A source with a single document instead holds out its last 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import hashlib
@@ -36,9 +37,10 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from llmtrain.console import is_terminal, progress_counter
 from llmtrain.data.config import DataConfig
 from llmtrain.data.shards import ShardWriter, token_dtype
-from llmtrain.data.sources import BadUtf8, SourceSpec, iter_documents, resolve_sources
+from llmtrain.data.sources import BadUtf8, SourceSpec, file_type, iter_documents, resolve_sources
 from llmtrain.data.tokenizer import (
     SPECIAL_TOKENS, check_model_vocab, eos_id_of, is_hub_name, load_external, max_token_id, train_bpe,
 )
@@ -282,15 +284,31 @@ class _SourceSplitter:
         self.val.close()
 
 
+def _text_size(specs: list[SourceSpec]) -> Optional[float]:
+    """Bytes in the text files: the progress ETA's estimate of the characters to tokenize; None if unknown."""
+    if any(s.type == "hf" or s.max_documents is not None for s in specs):
+        return None
+    files = [(s, f) for s in specs for f in s.files]
+    if any(file_type(s, f) not in ("txt", "jsonl", "json") for s, f in files):
+        return None  # parquet/arrow: compressed columns, their size says little about the text
+    return float(sum(f.stat().st_size for _, f in files)) or None
+
+
+def _counted(batches: Iterator[tuple[list[int], list[str]]], sizes: collections.deque) -> Iterator:
+    """Pass batches through, noting each one's characters for the progress display (taken in order)."""
+    for batch in batches:
+        sizes.append(sum(map(len, batch[1])))
+        yield batch
+
+
 def _build(cfg: DataConfig, specs: list[SourceSpec], external, key: str, folder: Path, progress: bool,
            model_vocab_size: Optional[int] = None) -> None:
-    from tqdm.auto import tqdm
-
     if external is None:
         if progress:
             print(f"llmtrain: training a {cfg.vocab_size}-token byte-level BPE on up to "
                   f"{cfg.tokenizer_train_bytes / 1e6:.0f} MB of {cfg.name}", file=sys.stderr)
-        tok = train_bpe(_sample_for_tokenizer(specs, cfg), cfg.vocab_size, show_progress=progress)
+        # tokenizers' own bar only on a terminal: into a file it leaves blank lines on stdout
+        tok = train_bpe(_sample_for_tokenizer(specs, cfg), cfg.vocab_size, show_progress=progress and is_terminal())
         eos_id = eos_id_of(tok, "tokenizer")
     else:
         tok, eos_id, _ = external
@@ -305,7 +323,9 @@ def _build(cfg: DataConfig, specs: list[SourceSpec], external, key: str, folder:
     splitters = [_SourceSplitter(folder, i, spec, dtype, max_id, cfg) for i, spec in enumerate(specs)]
     utf8 = BadUtf8(cfg.on_bad_utf8)
     started = time.perf_counter()
-    bar = tqdm(desc=f"tokenizing {cfg.name}", unit="tok", unit_scale=True, disable=not progress, file=sys.stderr)
+    total_chars = _text_size(specs) if progress else None
+    bar = progress_counter(f"tokenizing {cfg.name}", enabled=progress, total_work=total_chars)
+    batch_chars: collections.deque = collections.deque()
     reader_error: list[BaseException] = []
 
     def guarded(batches: Iterator) -> Iterator:
@@ -317,7 +337,7 @@ def _build(cfg: DataConfig, specs: list[SourceSpec], external, key: str, folder:
             reader_error.append(err)
 
     with contextlib.ExitStack() as stack:
-        batches = guarded(_batches(specs, utf8))
+        batches = guarded(_counted(_batches(specs, utf8), batch_chars))
         if cfg.num_proc > 1:
             # Set before forking: otherwise tokenizers warns in every child that BPE training already
             # used its thread pool. The workers are single-threaded on purpose anyway.
@@ -338,7 +358,7 @@ def _build(cfg: DataConfig, specs: list[SourceSpec], external, key: str, folder:
             ends = np.cumsum(lengths)
             for si, end, n in zip(source_ids, ends, lengths):
                 splitters[si].add(flat[end - n:end])
-            bar.update(len(flat))
+            bar.update(len(flat), work=batch_chars.popleft())
     bar.close()
     if reader_error:
         raise reader_error[0]
