@@ -232,12 +232,12 @@ def sharded_state(model: torch.nn.Module, optimizer) -> tuple[dict[str, torch.Te
 def save_sharded_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer,
                             trainer_state: dict[str, Any], env, keep: int = 2) -> Path:
     """Every rank writes its shards; rank 0 writes trainer.pt, then the marker after a barrier."""
-    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
+    from llmtrain.distributed import all_gather_objects, barrier, broadcast_object
+
     # Rank 0's run_dir for everyone: Hydra's default dir is a timestamp each process takes itself.
-    shared = [str(run_dir)]
-    dist.broadcast_object_list(shared, src=0)
+    shared = [broadcast_object(str(run_dir), env, src=0)]
     root = checkpoint_root(shared[0])
     final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
     if env.is_main:
@@ -245,16 +245,15 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Modu
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-    dist.barrier()
+    barrier(env)
     tensors, scalars = sharded_state(model, optimizer)
     dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp / DCP_DIR)))
-    gathered: list[Any] = [None] * env.world_size
-    dist.all_gather_object(gathered, scalars)
+    gathered = all_gather_objects(scalars, env)
     if env.is_main:
         merged = {k: v for part in gathered for k, v in part.items()}
         torch.save({"param_groups": _groups_hyperparams(optimizer), "scalars": merged}, tmp / OPTIM_META)
         torch.save(trainer_state, tmp / "trainer.pt")
-    dist.barrier()  # every rank's shards are on disk before the checkpoint becomes valid
+    barrier(env)  # every rank's shards are on disk before the checkpoint becomes valid
     if env.is_main:
         (tmp / MARKER).write_text(f"step {step}\nworld_size {env.world_size}\nstrategy {env.strategy}\n")
         if final.exists():
@@ -262,7 +261,7 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Modu
         tmp.rename(final)
         for old in list_checkpoints(shared[0])[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+    barrier(env)
     return final
 
 

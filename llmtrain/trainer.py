@@ -21,7 +21,9 @@ from omegaconf import OmegaConf
 from llmtrain import checkpoint
 from llmtrain.config import RootConfig, validate
 from llmtrain.cpu_matmul import set_cpu_matmul
-from llmtrain.distributed import all_reduce_mean, barrier, comm_bytes, grad_sync, init_distributed, parallelize, shutdown, unwrap
+from llmtrain.distributed import (
+    all_reduce_mean, any_rank, barrier, comm_bytes, grad_sync, init_distributed, parallelize, shutdown, unwrap,
+)
 from llmtrain.errors import ConfigError, ResourceError
 from llmtrain.logging import RunLogger
 from llmtrain.optim.protocol import StepContext, state_bytes
@@ -276,8 +278,8 @@ class Trainer:
         self._stop_signal = signum
 
     def _should_stop(self) -> bool:
-        flag = torch.tensor(float(self._stop_signal is not None))
-        return bool(all_reduce_mean(flag, self.env) > 0) if self.env.world_size > 1 else bool(flag)
+        """Stop on every rank when any rank got a signal (the flag is reduced on the run's device)."""
+        return any_rank(self._stop_signal is not None, self.env)
 
     def fit(self) -> dict[str, Any]:
         t = self.cfg.train

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
 
+from llmtrain.distributed import broadcast_
 from llmtrain.errors import ConfigError
 from llmtrain.optim.protocol import default_state_bytes
 
@@ -88,17 +88,16 @@ class OwnerShardedOptimizer:
     ``zero_grad``, the hook protocol) while its ``inner`` optimizer holds only this rank's share.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, managed_groups: list[bool], rank: int, world_size: int,
-                 group=None):
+    def __init__(self, optimizer: torch.optim.Optimizer, managed_groups: list[bool], env: Any, group=None):
         self.inner = optimizer
-        self.rank, self.world_size, self.group = rank, world_size, group
+        self.env, self.rank, self.world_size, self.group = env, env.rank, env.world_size, group
         self.all_params = [p for g in optimizer.param_groups for p in g["params"]]
         candidates = [p for g, m in zip(optimizer.param_groups, managed_groups) if m for p in g["params"]]
-        owners = assign_owners([p.numel() for p in candidates], world_size)
+        owners = assign_owners([p.numel() for p in candidates], self.world_size)
         self.owned: dict[int, Owned] = {}
         for p, owner in zip(candidates, owners):
             entry = Owned(p, owner)
-            if is_dtensor(p) and owner == rank:  # values are gathered into it before each step
+            if is_dtensor(p) and owner == self.rank:  # values are gathered into it before each step
                 entry.shadow = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=p.to_local().device))
             self.owned[id(p)] = entry
         # The inner optimizer keeps unmanaged parameters and this rank's managed ones (the
@@ -109,7 +108,7 @@ class OwnerShardedOptimizer:
                 entry = self.owned.get(id(p))
                 if entry is None:
                     kept.append(p)
-                elif entry.owner == rank:
+                elif entry.owner == self.rank:
                     kept.append(entry.shadow if entry.shadow is not None else p)
                     if entry.shadow is not None and p in optimizer.state:  # state made in __init__ (seeds)
                         optimizer.state[entry.shadow] = optimizer.state.pop(p)
@@ -216,15 +215,16 @@ class OwnerShardedOptimizer:
         pending = []
         for e in self.owned.values():
             if not is_dtensor(e.param):
-                pending.append(dist.broadcast(e.param.data, src=e.owner, group=self.group, async_op=True))
+                pending.append(broadcast_(e.param.data, e.owner, self.env, group=self.group, async_op=True))
         for work in pending:
-            work.wait()
+            if work is not None:
+                work.wait()
         for e in self.owned.values():
             if not is_dtensor(e.param):
                 continue
             local = e.param.to_local()
             full = e.shadow.data if e.owner == self.rank else torch.empty(e.param.shape, dtype=e.param.dtype, device=local.device)
-            dist.broadcast(full, src=e.owner, group=self.group)
+            broadcast_(full, e.owner, self.env, group=self.group)
             mine = distribute_tensor(full, e.param.device_mesh, e.param.placements, src_data_rank=None).to_local()
             local.copy_(mine)
 
@@ -280,4 +280,4 @@ def shard_optimizer(optimizer: torch.optim.Optimizer, env: Any, name: Optional[s
             raise ConfigError("optim.name", reason)
     if not any(managed):
         return optimizer  # elementwise: exact on local shards
-    return OwnerShardedOptimizer(optimizer, managed, env.rank, env.world_size)
+    return OwnerShardedOptimizer(optimizer, managed, env)
