@@ -180,3 +180,46 @@ def test_two_rank_training_gives_collectives_only_device_tensors(corpus, data_ca
         assert report["collectives"]["barrier"] >= 1
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 3
+
+
+STOP_ON_ONE_RANK = """
+import signal
+import sys
+
+sys.path.insert(0, {tests!r})
+import llmtrain.trainer as trainer
+from device_guard import _run_cli_under_guard
+
+original = trainer.Trainer.train_step
+
+
+def train_step(self):
+    out = original(self)
+    if self.env.rank == 1 and self.step == 2:
+        self._stop_signal = signal.SIGTERM  # as if the signal had reached this rank only
+    return out
+
+
+trainer.Trainer.train_step = train_step
+_run_cli_under_guard()
+"""
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_a_signal_on_one_rank_stops_every_rank(corpus, data_cache, tmp_path):
+    """any_rank: rank 1 alone sees SIGTERM after step 2; both ranks stop there and save together."""
+    script = tmp_path / "stop_one_rank.py"
+    script.write_text(STOP_ON_ONE_RANK.format(tests=str(Path(__file__).resolve().parent)))
+    run_dir, reports = tmp_path / "run", tmp_path / "reports"
+    args = tiny_overrides(corpus, data_cache, run_dir, **{"distributed.strategy": "fsdp", "train.max_steps": 6,
+                                                          "train.micro_batch_size": 2, "train.eval_every": 0})
+    env = {**torchrun_env(), "LLMTRAIN_DEVICE_GUARD_DIR": str(reports)}
+    cmd = [*TORCHRUN, "--nproc_per_node=2", f"--master_port={_free_port()}", str(script), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "stopped" and summary["steps"] == 2, (summary, proc.stderr[-3000:])
+    assert "SIGTERM" in summary["reason"]
+    assert (run_dir / "checkpoints" / "step_2" / "COMPLETE").is_file()
+    for r in (0, 1):
+        assert json.loads((reports / f"rank{r}.json").read_text())["violations"] == []
