@@ -2,7 +2,8 @@
 
 The trainer asks only for: ``init_distributed`` (who am I, which device), ``parallelize`` (wrap
 the model), ``grad_sync`` (skip gradient reduction on accumulation micro-steps), ``unwrap`` (the
-plain model for generation and export) and ``all_reduce_mean`` (a global loss for logging).
+plain model for generation and export) and the collective helpers (``all_reduce_mean``,
+``any_rank``, ``barrier`` ...), the only place llmtrain calls ``torch.distributed`` collectives.
 
 What each strategy shards (N data-parallel ranks):
 
@@ -90,9 +91,9 @@ def init_distributed(device_name: str, strategy: str, timeout_s: int = 600) -> D
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
     strategy = resolve_strategy(strategy, world_size)
+    if device.type == "cuda":  # object collectives and NCCL's barrier use the current device
+        torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return DistEnv(rank, local_rank, world_size, device, strategy)
@@ -242,39 +243,63 @@ def grad_sync(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
         yield
 
 
+# ------------------------------------------------------------------ collectives
+# Every collective in llmtrain goes through these helpers. Each puts its tensors on ``env.device``
+# first: gloo takes CPU tensors, NCCL refuses them, so a tensor made without ``device=`` would pass
+# every CPU test and break the first multi-GPU step. Object collectives pickle through a tensor on
+# the device too: torch.cuda.set_device in init_distributed makes that the run's GPU.
+
+
 def all_reduce_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """The mean of ``value`` over ranks, on ``env.device`` (``value`` itself is left as it is)."""
     if env.world_size > 1:
-        value = value.clone()
+        value = value.detach().to(env.device, copy=True)
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value /= env.world_size
     return value
 
 
 def all_reduce_max(value: float, env: DistEnv) -> float:
-    """The largest ``value`` over ranks (a tensor made on the run's device: NCCL takes no CPU tensor)."""
+    """The largest ``value`` over ranks (reduced in a tensor on the run's device: NCCL takes no CPU tensor)."""
     if env.world_size <= 1:
         return value
     t = torch.tensor(float(value), device=env.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
+    return float(t.item())
+
+
+def any_rank(flag: bool, env: DistEnv) -> bool:
+    """True on every rank when ``flag`` is true on any rank (a signal that reached only one)."""
+    return all_reduce_max(float(flag), env) > 0
+
+
+def broadcast_(tensor: torch.Tensor, src: int, env: DistEnv, group=None, async_op: bool = False):
+    """Overwrite ``tensor`` in place with global rank ``src``'s; the work handle when ``async_op``.
+
+    In place means the tensor must already be on ``env.device``: refused here with both devices
+    named, rather than by NCCL on the first GPU run.
+    """
+    if tensor.device != env.device:
+        raise ValueError(f"broadcast_ got a tensor on {tensor.device}; the run's device is {env.device}")
+    return dist.broadcast(tensor, src=src, group=group, async_op=async_op)
 
 
 def broadcast_object(obj: Any, env: DistEnv, src: int = 0) -> Any:
-    """Rank ``src``'s picklable ``obj`` on every rank (object collectives stage on the current device)."""
+    """Rank ``src``'s ``obj`` on every rank (pickled through a tensor on ``env.device``)."""
     if env.world_size <= 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, device=env.device)
     return box[0]
 
 
 def all_gather_objects(obj: Any, env: DistEnv) -> list[Any]:
-    """Every rank's picklable ``obj``, in rank order."""
+    """Every rank's ``obj``, in rank order (pickled through the current device: see init_distributed)."""
     if env.world_size <= 1:
         return [obj]
-    out: list[Any] = [None] * env.world_size
-    dist.all_gather_object(out, obj)
-    return out
+    gathered: list[Any] = [None] * env.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def on_main(fn: Callable[[], Any], env: DistEnv) -> Any:
@@ -294,7 +319,10 @@ def on_main(fn: Callable[[], Any], env: DistEnv) -> Any:
 
 def barrier(env: DistEnv) -> None:
     if env.world_size > 1:
-        dist.barrier()
+        if env.device.type == "cuda":  # NCCL's barrier all-reduces a tensor; unnamed, it guesses the GPU
+            dist.barrier(device_ids=[env.device.index])
+        else:
+            dist.barrier()
 
 
 def shutdown(env: DistEnv) -> None:
@@ -303,7 +331,7 @@ def shutdown(env: DistEnv) -> None:
         # no rank tears its process groups down while a peer may still be in a collective. (The
         # occasional SIGABRT at exit seen in CI came from interpreter teardown; see
         # exit_torchrun_worker.)
-        dist.barrier()
+        barrier(env)
         dist.destroy_process_group()
 
 

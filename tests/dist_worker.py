@@ -5,7 +5,9 @@ strategies can be compared with one process without the data pipeline.
 
     torchrun --nproc_per_node=2 tests/dist_worker.py '{"strategy": "fsdp", "optim": "adamw", ...}'
 
-Writes {"losses": [...], "state_bytes": int, "world_size": int} to ``out`` (rank 0).
+Writes {"losses": [...], "state_bytes": int, "state_bytes_per_rank": [...], "world_size": int} to
+``out`` (rank 0). ``spec["model"]`` overrides fields of the tiny LLaMA (a large vocab makes the tied
+embedding most of the model).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import torch.nn.functional as F
 
 from llmtrain import checkpoint
 from llmtrain.distributed import (
-    all_reduce_mean, barrier, comm_bytes, exit_torchrun_worker, grad_sync, init_distributed, parallelize, shutdown, unwrap,
+    all_gather_objects, all_reduce_mean, barrier, comm_bytes, exit_torchrun_worker, grad_sync, init_distributed,
+    parallelize, shutdown, unwrap,
 )
 from llmtrain.models import build_model
 from llmtrain.models.config import ModelConfig
@@ -79,6 +82,13 @@ def batches(step: int, global_batch: int, seq_len: int, vocab: int,
     return data[:, :-1], data[:, 1:]
 
 
+def model_config(spec: dict, **extra) -> ModelConfig:
+    fields = dict(family="llama", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, vocab_size=128, max_seq_len=32,
+                  ffn_hidden=128, **extra)
+    fields.update(spec.get("model", {}))
+    return ModelConfig(**fields)
+
+
 def main(spec: dict) -> None:
     env = init_distributed("cpu", spec["strategy"], 120)
 
@@ -88,8 +98,8 @@ def main(spec: dict) -> None:
         powersgd_rank = spec.get("powersgd_rank", 4)
 
     torch.manual_seed(0)
-    mcfg = ModelConfig(family="llama", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, vocab_size=128,
-                       max_seq_len=32, ffn_hidden=128, activation_checkpointing=spec.get("ac", "none"))
+    mcfg = model_config(spec, activation_checkpointing=spec.get("ac", "none"))
+    vocab = mcfg.vocab_size
     model = build_model(mcfg)
     model = parallelize(model, env, compile=spec.get("compile", False), options=Options)
     optim_cfg = {"name": spec["optim"], "lr": spec.get("lr", 3e-3), **spec.get("optim_kwargs", {})}
@@ -107,7 +117,7 @@ def main(spec: dict) -> None:
     accum = per_rank // micro
     losses, comm = [], []
     for step in range(start, spec["steps"]):
-        x, y = batches(step, gb, 32, 128, spec.get("learnable", False))
+        x, y = batches(step, gb, 32, vocab, spec.get("learnable", False))
         x, y = x[env.rank * per_rank:(env.rank + 1) * per_rank], y[env.rank * per_rank:(env.rank + 1) * per_rank]
         total = torch.zeros(())
         for i in range(accum):
@@ -131,11 +141,12 @@ def main(spec: dict) -> None:
                 checkpoint.save_sharded_checkpoint(spec["run_dir"], step + 1, unwrap(model), optimizer, trainer_state, env)
             else:
                 checkpoint.save_checkpoint(spec["run_dir"], step + 1, unwrap(model).state_dict(), optimizer.state_dict(), trainer_state)
+    per_rank_bytes = all_gather_objects(state_bytes(optimizer), env)
     barrier(env)
     if env.is_main:
         with open(spec["out"], "w") as f:
-            json.dump({"losses": losses, "state_bytes": state_bytes(optimizer), "world_size": env.world_size,
-                       "strategy": env.strategy, "comm_bytes": comm,
+            json.dump({"losses": losses, "state_bytes": state_bytes(optimizer), "state_bytes_per_rank": per_rank_bytes,
+                       "world_size": env.world_size, "strategy": env.strategy, "comm_bytes": comm,
                        "grad_numel": sum(p.numel() for p in unwrap(model).parameters())}, f)
     shutdown(env)
 
@@ -219,17 +230,17 @@ def matrix(spec: dict) -> None:
         gpus_per_node = spec.get("gpus_per_node", 8)
         grad_compression = "none"
 
-    mcfg = ModelConfig(family="llama", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, vocab_size=128,
-                       max_seq_len=32, ffn_hidden=128)
+    mcfg = model_config(spec)
+    vocab = mcfg.vocab_size
     gb, micro, steps = 8, 2, spec.get("steps", 3)
     per_rank = gb // env.world_size
 
     def global_micro(step):
-        x, y = batches(step, gb, 32, 128)
+        x, y = batches(step, gb, 32, vocab)
         return [(x[i:i + micro], y[i:i + micro]) for i in range(0, gb, micro)]
 
     def rank_micro(step):
-        x, y = batches(step, gb, 32, 128)
+        x, y = batches(step, gb, 32, vocab)
         x, y = x[env.rank * per_rank:(env.rank + 1) * per_rank], y[env.rank * per_rank:(env.rank + 1) * per_rank]
         return [(x[i:i + micro], y[i:i + micro]) for i in range(0, per_rank, micro)]
 
@@ -282,6 +293,7 @@ def matrix(spec: dict) -> None:
             "param_diff_vs_ddp": max(float((params[n] - ddp_params[n]).abs().max()) for n in ref_params),
             "update": max(float((ref_params[n] - init[n]).abs().max()) for n in ref_params),
             "state_bytes": state_bytes(opt),
+            "state_bytes_per_rank": all_gather_objects(state_bytes(opt), env),
         }
     barrier(env)
     if env.is_main:

@@ -3,8 +3,11 @@
 Two situations need more than running ``optimizer.step()`` on every rank:
 
 * **zero1** keeps parameters and gradients replicated (DDP) but shards optimizer state. Each
-  parameter is owned by one rank (greedy by size, so ranks hold about equal state); the owner's
-  inner optimizer holds only its parameters, updates them, and broadcasts the new values.
+  parameter is owned by one rank (greedy by expected state bytes, so ranks hold about equal
+  state); the owner's inner optimizer holds only its parameters, updates them, and broadcasts the
+  new values. When whole tensors cannot be balanced (a tied embedding larger than a rank's share),
+  an elementwise group is split instead: every rank updates its row block of each tensor (a
+  Shard(0) DTensor, as FSDP holds it) and broadcasts that block.
 * **zero2 / fsdp / hsdp** keep each parameter as a DTensor shard. An elementwise optimizer (AdamW,
   Lion, ...) is exact on shards and runs unchanged. An optimizer that needs the whole tensor
   (Muon's orthogonalisation, Shampoo/SOAP preconditioners, GaLore projections, LAMB/LARS trust
@@ -25,8 +28,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
 
+from llmtrain.distributed import broadcast_
 from llmtrain.errors import ConfigError
 from llmtrain.optim.protocol import default_state_bytes
 
@@ -61,9 +64,9 @@ def whole_tensor_groups(optimizer: torch.optim.Optimizer, name: Optional[str]) -
     return [not elementwise] * len(optimizer.param_groups)
 
 
-def assign_owners(sizes: list[int], world_size: int) -> list[int]:
+def assign_owners(sizes: list[float], world_size: int) -> list[int]:
     """Owner rank per tensor: largest first to the least-loaded rank (deterministic)."""
-    load = [0] * world_size
+    load = [0.0] * world_size
     owners = [0] * len(sizes)
     for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
         r = min(range(world_size), key=lambda r: (load[r], r))
@@ -72,44 +75,121 @@ def assign_owners(sizes: list[int], world_size: int) -> list[int]:
     return owners
 
 
+SPLIT = -1  # the "owner" of a tensor whose row blocks are updated by every rank, one block each
+BALANCE_TOLERANCE = 1.05  # most-loaded rank / even share above which a group is split
+AUX_ADAMW_STATE_BYTES = 8.0  # the AdamW side of a hybrid matrix optimizer: two fp32 moments
+
+
+def group_state_weights(optimizer: torch.optim.Optimizer) -> list[float]:
+    """Expected state bytes per element of each parameter group, so owners balance bytes, not counts
+    (Muon keeps 4 on its matrices and AdamW's 8 on the embedding)."""
+    per_param = float(getattr(optimizer, "state_bytes_per_param", 0.0) or 0.0)
+    flag = getattr(type(optimizer), "hybrid_flag", None)
+    weights = []
+    for g in optimizer.param_groups:
+        weight = per_param if flag is None or g.get(flag) else AUX_ADAMW_STATE_BYTES
+        weights.append(weight if weight > 0 else 1.0)
+    return weights
+
+
+def plan_owners(costs: list[float], groups: list[int], splittable: set[int], world_size: int,
+                tolerance: float = BALANCE_TOLERANCE) -> list[int]:
+    """Owner rank per tensor, or SPLIT for every tensor of a group split across all ranks.
+
+    Whole tensors go largest first to the least-loaded rank. While the most-loaded rank would hold
+    more than ``tolerance`` times an even share, the splittable group holding the largest whole
+    tensor (a tied embedding) is split: each rank then holds 1/world_size of its state.
+    """
+    split: set[int] = set()
+    total = sum(costs)
+    while True:
+        whole = [i for i in range(len(costs)) if groups[i] not in split]
+        owners = assign_owners([costs[i] for i in whole], world_size)
+        load = [(total - sum(costs[i] for i in whole)) / world_size] * world_size
+        for i, owner in zip(whole, owners):
+            load[owner] += costs[i]
+        candidates = [i for i in whole if groups[i] in splittable]
+        if max(load, default=0.0) <= tolerance * total / world_size or not candidates:
+            break
+        split.add(groups[min(candidates, key=lambda i: (-costs[i], i))])
+    plan = [SPLIT] * len(costs)
+    for i, owner in zip(whole, owners):
+        plan[i] = owner
+    return plan
+
+
+def row_blocks(rows: int, world_size: int) -> list[tuple[int, int]]:
+    """[start, end) of each rank's rows: DTensor's Shard(0) layout (torch.chunk; trailing blocks may be empty)."""
+    size = -(-rows // world_size)
+    return [(min(r * size, rows), min((r + 1) * size, rows)) for r in range(world_size)]
+
+
 @dataclass
 class Owned:
-    """A parameter updated by one rank. ``shadow`` is the owner's whole-tensor copy of a DTensor."""
+    """A parameter updated by one rank, or by every rank on its own rows (``owner == SPLIT``).
+
+    ``shadow`` is what the inner optimizer holds in its place: the owner's whole-tensor copy of a
+    DTensor, or each rank's row block of a split tensor as a Shard(0) DTensor (a copy, so DCP saves
+    its state as shards of the whole tensor). ``rows`` are the blocks of a split tensor.
+    """
 
     param: torch.nn.Parameter
     owner: int
     shadow: Optional[torch.nn.Parameter] = None
+    rows: Optional[list[tuple[int, int]]] = None
+
+
+def _splittable(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> bool:
+    """Replicated, contiguous tensors with rows and no state yet (state made in __init__ is whole)."""
+    return all(not is_dtensor(p) and p.ndim >= 1 and p.is_contiguous() and not optimizer.state.get(p) for p in params)
 
 
 class OwnerShardedOptimizer:
-    """Wraps a built optimizer so that ``managed`` parameters are updated by one owner rank each.
+    """Wraps a built optimizer so that ``managed`` parameters are updated by one owner rank each,
+    or, in ``splittable`` groups (elementwise updates of replicated parameters, zero1), by every
+    rank on its row block when whole-tensor owners would leave the state unbalanced.
 
     Behaves like the wrapped optimizer for the trainer (``param_groups``, ``step``,
     ``zero_grad``, the hook protocol) while its ``inner`` optimizer holds only this rank's share.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, managed_groups: list[bool], rank: int, world_size: int,
-                 group=None):
+    def __init__(self, optimizer: torch.optim.Optimizer, managed_groups: list[bool], env: Any,
+                 splittable_groups: Optional[list[bool]] = None, group=None):
         self.inner = optimizer
-        self.rank, self.world_size, self.group = rank, world_size, group
+        self.env, self.rank, self.world_size, self.group = env, env.rank, env.world_size, group
         self.all_params = [p for g in optimizer.param_groups for p in g["params"]]
-        candidates = [p for g, m in zip(optimizer.param_groups, managed_groups) if m for p in g["params"]]
-        owners = assign_owners([p.numel() for p in candidates], world_size)
+        splittable = {i for i, (g, ok) in enumerate(zip(optimizer.param_groups, splittable_groups or []))
+                      if ok and _splittable(optimizer, g["params"])}
+        weights = group_state_weights(optimizer)
+        candidates = [(i, p) for i, (g, managed) in enumerate(zip(optimizer.param_groups, managed_groups))
+                      if managed for p in g["params"]]
+        owners = plan_owners([p.numel() * weights[i] for i, p in candidates], [i for i, _ in candidates],
+                             splittable, self.world_size)
+        self.mesh = None
+        if SPLIT in owners:
+            from llmtrain.distributed import device_mesh
+
+            self.mesh = device_mesh(env)
         self.owned: dict[int, Owned] = {}
-        for p, owner in zip(candidates, owners):
+        for (_, p), owner in zip(candidates, owners):
             entry = Owned(p, owner)
-            if is_dtensor(p) and owner == rank:  # values are gathered into it before each step
+            if owner == SPLIT:
+                entry.rows = row_blocks(p.shape[0], self.world_size)
+                start, end = entry.rows[self.rank]
+                entry.shadow = torch.nn.Parameter(self._row_dtensor(p.detach()[start:end].clone(), p))
+            elif is_dtensor(p) and owner == self.rank:  # values are gathered into it before each step
                 entry.shadow = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=p.to_local().device))
             self.owned[id(p)] = entry
         # The inner optimizer keeps unmanaged parameters and this rank's managed ones (the
-        # whole-tensor shadow in place of a DTensor shard); state of the rest is never created.
+        # whole-tensor shadow in place of a DTensor shard, its rows of a split tensor); state of
+        # the rest is never created.
         for g in optimizer.param_groups:
             kept = []
             for p in g["params"]:
                 entry = self.owned.get(id(p))
                 if entry is None:
                     kept.append(p)
-                elif entry.owner == rank:
+                elif entry.owner in (self.rank, SPLIT):
                     kept.append(entry.shadow if entry.shadow is not None else p)
                     if entry.shadow is not None and p in optimizer.state:  # state made in __init__ (seeds)
                         optimizer.state[entry.shadow] = optimizer.state.pop(p)
@@ -117,6 +197,16 @@ class OwnerShardedOptimizer:
                     optimizer.state.pop(p, None)
             g["params"] = kept
         self._shadow_of = {id(e.shadow): e for e in self.owned.values() if e.shadow is not None}
+
+    @property
+    def splits(self) -> bool:
+        """Whether some group is split into row blocks (its inner parameters are DTensors)."""
+        return self.mesh is not None
+
+    def _row_dtensor(self, local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor, Shard
+
+        return DTensor.from_local(local, self.mesh, [Shard(0)], run_check=False, shape=like.shape, stride=like.stride())
 
     # ------------------------------------------------------------------ what the trainer calls
     @property
@@ -191,40 +281,60 @@ class OwnerShardedOptimizer:
 
     # ------------------------------------------------------------------ communication
     def _gather_to_owners(self) -> None:
-        """Whole gradient and parameter onto the owner's shadow (every rank joins each all-gather)."""
+        """Whole gradient and parameter onto the owner's shadow (every rank joins each all-gather);
+        this rank's rows of a split tensor and of its gradient into its block."""
         for e in self.owned.values():
-            if not is_dtensor(e.param):
-                continue  # replicated parameter and gradient (zero1): the owner updates it in place
-            full_param = e.param.detach().full_tensor()
-            full_grad = e.param.grad.full_tensor() if e.param.grad is not None else None
-            if e.owner == self.rank:
-                e.shadow.data.copy_(full_param)
-                e.shadow.grad = full_grad
+            if e.owner == SPLIT:
+                self._rows_in(e, with_grad=True)
+            elif is_dtensor(e.param):
+                full_param = e.param.detach().full_tensor()
+                full_grad = e.param.grad.full_tensor() if e.param.grad is not None else None
+                if e.owner == self.rank:
+                    e.shadow.data.copy_(full_param)
+                    e.shadow.grad = full_grad
+            # else a replicated parameter and gradient (zero1): the owner updates it in place
 
     def _gather_params_only(self) -> None:
         for e in self.owned.values():
-            if is_dtensor(e.param):
+            if e.owner == SPLIT:
+                self._rows_in(e, with_grad=False)
+            elif is_dtensor(e.param):
                 full_param = e.param.detach().full_tensor()
                 if e.owner == self.rank:
                     e.shadow.data.copy_(full_param)
 
     @torch.no_grad()
+    def _rows_in(self, e: Owned, with_grad: bool) -> None:
+        start, end = e.rows[self.rank]
+        e.shadow.to_local().copy_(e.param.detach()[start:end])
+        if with_grad:
+            grad = e.param.grad
+            e.shadow.grad = None if grad is None else self._row_dtensor(grad[start:end], e.param)
+
+    @torch.no_grad()
     def _push_from_owners(self) -> None:
-        """Broadcast each updated tensor from its owner; a DTensor keeps only its own slice."""
+        """Broadcast each updated tensor from its owner (each block of a split tensor from its
+        rank); a DTensor keeps only its own slice."""
         from torch.distributed.tensor import distribute_tensor
 
         pending = []
         for e in self.owned.values():
-            if not is_dtensor(e.param):
-                pending.append(dist.broadcast(e.param.data, src=e.owner, group=self.group, async_op=True))
+            if e.owner == SPLIT:
+                start, end = e.rows[self.rank]
+                e.param.data[start:end].copy_(e.shadow.to_local())
+                pending += [broadcast_(e.param.data[a:b], r, self.env, group=self.group, async_op=True)
+                            for r, (a, b) in enumerate(e.rows) if b > a]
+            elif not is_dtensor(e.param):
+                pending.append(broadcast_(e.param.data, e.owner, self.env, group=self.group, async_op=True))
         for work in pending:
-            work.wait()
+            if work is not None:
+                work.wait()
         for e in self.owned.values():
-            if not is_dtensor(e.param):
+            if e.owner == SPLIT or not is_dtensor(e.param):
                 continue
             local = e.param.to_local()
             full = e.shadow.data if e.owner == self.rank else torch.empty(e.param.shape, dtype=e.param.dtype, device=local.device)
-            dist.broadcast(full, src=e.owner, group=self.group)
+            broadcast_(full, e.owner, self.env, group=self.group)
             mine = distribute_tensor(full, e.param.device_mesh, e.param.placements, src_data_rank=None).to_local()
             local.copy_(mine)
 
@@ -268,11 +378,13 @@ def shard_optimizer(optimizer: torch.optim.Optimizer, env: Any, name: Optional[s
     if loss_scaling:
         raise ConfigError("train.precision", f"fp16 loss scaling checks overflow per shard under {strategy}, so ranks could "
                                              f"skip different steps; use train.precision=bf16 (or distributed.strategy=ddp)")
+    fused_without_dtensors = getattr(optimizer, "impl", None) == "fused" and not fused_kernel_takes_dtensors(optimizer)
     if strategy == "zero1":
         managed = [True] * len(optimizer.param_groups)
+        splittable = [not whole for whole in whole_tensor_groups(optimizer, name)]  # elementwise: exact on rows
     else:
-        managed = whole_tensor_groups(optimizer, name)
-        if getattr(optimizer, "impl", None) == "fused" and not fused_kernel_takes_dtensors(optimizer):
+        managed, splittable = whole_tensor_groups(optimizer, name), None
+        if fused_without_dtensors:
             optimizer.impl = "foreach"  # the same update as torch's multi-tensor kernels, which take DTensor shards
     if getattr(optimizer, "owns_backward", False) or any(managed):
         reason = refusal(optimizer, strategy, any(managed))
@@ -280,4 +392,7 @@ def shard_optimizer(optimizer: torch.optim.Optimizer, env: Any, name: Optional[s
             raise ConfigError("optim.name", reason)
     if not any(managed):
         return optimizer  # elementwise: exact on local shards
-    return OwnerShardedOptimizer(optimizer, managed, env.rank, env.world_size)
+    wrapped = OwnerShardedOptimizer(optimizer, managed, env, splittable)
+    if wrapped.splits and fused_without_dtensors:
+        optimizer.impl = "foreach"  # split groups hold DTensor row blocks
+    return wrapped
