@@ -50,8 +50,8 @@ def test_fsdp_run_prints_no_view_warning(corpus, data_cache, tmp_path):
     args = tiny_overrides(corpus, data_cache, tmp_path / "run", **{
         "distributed.strategy": "fsdp", "train.max_steps": 2, "train.micro_batch_size": 4,
         "train.eval_every": 0, "train.cpu_matmul": "onednn"})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "llmtrain",
-           *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", "llmtrain", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=torchrun_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert FSDP_VIEW_WARNING not in proc.stderr, proc.stderr[-4000:]

@@ -237,7 +237,8 @@ def test_impl_triton_is_accepted_when_a_gpu_is_visible(fake_gpu, monkeypatch):
 @pytest.mark.parametrize("triton_ok,bnb_ok,expected", [(True, True, "triton"), (False, True, "bnb"),
                                                        (False, False, "eager")])
 def test_adamw8bit_auto_prefers_triton_on_cuda(monkeypatch, triton_ok, bnb_ok, expected):
-    monkeypatch.setattr(adamw8bit_module, "triton_usable", lambda device: triton_ok and torch.device(device).type == "cuda")
+    monkeypatch.setattr(adamw8bit_module, "triton_usable",
+                        lambda device: triton_ok and torch.device(device).type == "cuda")
     monkeypatch.setattr(adamw8bit_module, "bnb_runs_on", lambda device_type: bnb_ok)
     assert adamw8bit_module.resolve_impl("auto", CUDA0) == expected
 
