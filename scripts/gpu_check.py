@@ -2,7 +2,7 @@
 
     python scripts/gpu_check.py detect                  # exit 1 with "no GPU found: ..." where none is
     python scripts/gpu_check.py env     RESULTS         # GPU, torch, CUDA, triton -> env.json
-    python scripts/gpu_check.py kernels RESULTS         # Triton kernels against their PyTorch twins
+    python scripts/gpu_check.py kernels RESULTS         # Triton kernels against their twins; SDPA kernels
     python scripts/gpu_check.py optim   RESULTS         # optimizer steps: GB/s against a device copy
     python scripts/gpu_check.py train   RESULTS RUN     # one run of RUNS -> tokens/s, MFU, peak memory
     python scripts/gpu_check.py nccl    RESULTS         # 2 ranks on 2 GPUs: fsdp over NCCL
@@ -247,6 +247,30 @@ def kernel_rows(device: str = "cuda", shapes=KERNEL_SHAPES, steps: int = 10) -> 
     return rows
 
 
+def attention_row(device: str = "cuda", seq: int = 2048) -> dict[str, Any]:
+    """Which fused SDPA kernels take the models' attention call (causal, GQA, llama_1b's heads):
+    with the math fallback alone, attention would run several times slower and use O(T²) memory."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    heads, kv_heads, head_dim = 32, 8, 64
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    q = torch.randn(2, heads, seq, head_dim, device=device, dtype=dtype)
+    k, v = (torch.randn(2, kv_heads, seq, head_dim, device=device, dtype=dtype) for _ in range(2))
+    fused = []
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+        try:
+            with sdpa_kernel(backend):
+                F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            fused.append(backend.name.lower())
+        except RuntimeError:  # this backend refuses these inputs
+            continue
+    config = f"SDPA causal, GQA {heads}/{kv_heads} heads, head_dim {head_dim}, {seq} tokens, {str(dtype)[6:]}"
+    return row("attention kernel", config, bool(fused), "fused kernels that take it: " + (", ".join(fused) or
+                                                                                     "none (math fallback only)"))
+
+
 # ------------------------------------------------------------------ optimizer step bandwidth
 
 def _bench_optim():
@@ -417,7 +441,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         results.mkdir(parents=True, exist_ok=True)
         (results / "env.json").write_text(json.dumps(environment(), indent=1))
     elif args.stage == "kernels":
-        write_rows(results, "kernels", kernel_rows())
+        write_rows(results, "kernels", [*kernel_rows(), attention_row()])
     elif args.stage == "optim":
         write_rows(results, "optim", optim_rows())
     elif args.stage == "train":

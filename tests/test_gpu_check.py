@@ -199,6 +199,12 @@ def test_kernel_stage_passes_on_cpu_and_catches_a_wrong_twin(gc, interpret, monk
     assert [r["ok"] for r in lion] == [False, False]
 
 
+def test_attention_row_names_the_fused_kernels_that_take_the_models_call(gc):
+    r = gc.attention_row("cpu", seq=16)
+    assert r["config"] == "SDPA causal, GQA 32/8 heads, head_dim 64, 16 tokens, float32"
+    assert r["note"].startswith("fused kernels that take it: ") and r["ok"] is (r["note"][28:] != "none (math fallback only)")
+
+
 def test_optim_stage_reports_bandwidth_against_a_copy(gc):
     rows = gc.optim_rows("cpu", sizes=("1M",), cases=("adamw / torch fused", "adamw / triton kernel"), warmup=0,
                          steps=1)
