@@ -326,3 +326,23 @@ def test_cuda_rng_is_saved_and_restored_onto_the_gpus_that_exist(fake_gpu, monke
     restored.clear()
     checkpoint.set_rng_state(state)
     assert restored == [] and "cuda" not in checkpoint.rng_state()
+
+
+# ------------------------------------------------------------------ docs/gpu.md stays true
+
+def test_every_test_docs_gpu_md_names_exists():
+    """Each `file.py::name` in the branch table is a test function of that file (a row whose test
+    was renamed or removed would otherwise keep claiming coverage)."""
+    import re
+
+    from conftest import REPO
+
+    text = (REPO / "docs" / "gpu.md").read_text()
+    cited, current = [], None
+    for path, name in re.findall(r"`(?:(test_\w+\.py))?::(test_\w+)(?:\[[^\]]*\])?`", text):
+        current = path or current  # `::name` right after `file.py::name` is in that file
+        cited.append((current, name))
+    assert len(cited) > 30
+    missing = [f"{path}::{name}" for path, name in cited
+               if not re.search(rf"^def {name}\(", (REPO / "tests" / path).read_text(), re.M)]
+    assert not missing, missing
