@@ -23,6 +23,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -366,17 +367,23 @@ def run_training(results: Path, name: str, run: Run, *, nproc: int = 1, timeout_
         launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                     f"--master_port={port}", "-m", "llmtrain"]
     env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    log_path = results / "logs" / f"run_{name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    # a session of its own: on timeout the whole group goes, torchrun's workers (and their GPU memory) too
+    proc = subprocess.Popen([*launcher, *run_overrides(results, name, run.overrides)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        proc = subprocess.run([*launcher, *run_overrides(results, name, run.overrides)], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=timeout_s)
+        log, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return row("train", run.label, False, f"timed out after {timeout_s:.0f} s")
+        os.killpg(proc.pid, signal.SIGKILL)
+        log = proc.communicate()[0] + f"\ntimed out after {timeout_s:.0f} s\n"
     finally:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # llama_1b's are 15 GB
-    log = proc.stdout + proc.stderr
-    (results / "logs").mkdir(parents=True, exist_ok=True)
-    (results / "logs" / f"run_{name}.log").write_text(log)
-    return train_row(run, run_dir, log)
+    log_path.write_text(log)
+    out = train_row(run, run_dir, log)
+    if not out["ok"]:
+        out["note"] += f" (log: logs/{log_path.name})"
+    return out
 
 
 # ------------------------------------------------------------------ the table
