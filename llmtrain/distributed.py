@@ -123,14 +123,22 @@ def device_mesh(env: DistEnv, gpus_per_node: int = 8):
     return init_device_mesh(env.device.type, (env.world_size,), mesh_dim_names=("shard",))
 
 
+def fsdp_mixed_precision(param_dtype: Optional[torch.dtype]):
+    """FSDP2's policy for the training precision: bf16/fp16 compute on gathered parameters,
+    gradients reduced and master weights (so optimizer state) kept in fp32; fp32 changes nothing."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if param_dtype in (torch.bfloat16, torch.float16):
+        return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
 def _fully_shard(model: torch.nn.Module, env: DistEnv, mesh, param_dtype: Optional[torch.dtype],
                  compile: bool) -> torch.nn.Module:
     """FSDP2 per transformer block, then at the root (torchtitan's order: compile, then shard)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
-    low_precision = param_dtype in (torch.bfloat16, torch.float16)
-    # Compute in bf16, reduce gradients and keep master weights and optimizer state in fp32.
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if low_precision else MixedPrecisionPolicy()
+    mp = fsdp_mixed_precision(param_dtype)
     # zero2 keeps whole parameters from forward to backward (no second all-gather); zero3 frees them.
     reshard = env.strategy != "zero2"
     blocks = getattr(model, "layers", None)

@@ -21,7 +21,10 @@ from llmtrain.cpu_matmul import onednn_mm_t, uses_onednn
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear``, through oneDNN for fp32 CPU tensors when the backend allows it."""
     if uses_onednn(x, weight):
-        out = onednn_mm_t(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
+        # _unsafe_view (what torch.matmul returns): the same reshape, but not a view, so a wrapper
+        # that hooks module outputs (FSDP2's pre-backward hook) gets a tensor of its own
+        out = torch.ops.aten._unsafe_view(onednn_mm_t(x.reshape(-1, x.shape[-1]), weight),
+                                          (*x.shape[:-1], weight.shape[0]))
         return out if bias is None else out + bias
     return F.linear(x, weight, bias)
 
