@@ -18,11 +18,18 @@ from llmtrain.errors import ConfigError, UserError, choices
 
 
 def config_dir() -> Path:
-    """configs/ beside the package (editable / source checkout) unless LLMTRAIN_CONFIG_DIR says otherwise."""
-    path = Path(os.environ.get("LLMTRAIN_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
-    if not (path / "train.yaml").is_file():
-        raise ConfigError("LLMTRAIN_CONFIG_DIR", f"no train.yaml in {path}; point it at llmtrain's configs/ folder")
-    return path
+    """llmtrain's configs: $LLMTRAIN_CONFIG_DIR, else llmtrain/configs in an installed wheel (what
+    ``pkg://llmtrain.configs`` names), else configs/ beside the package in a checkout (editable or not)."""
+    env = os.environ.get("LLMTRAIN_CONFIG_DIR")
+    package = Path(__file__).resolve().parent
+    candidates = [Path(env)] if env else [package / "configs", package.parent / "configs"]
+    for path in candidates:
+        if (path / "train.yaml").is_file():
+            return path
+    if env:
+        raise ConfigError("LLMTRAIN_CONFIG_DIR", f"no train.yaml in {env}; point it at llmtrain's configs/ folder")
+    raise ConfigError("LLMTRAIN_CONFIG_DIR", f"llmtrain's configs are missing from {package} (reinstall llmtrain), "
+                                             "or set it to a configs/ folder")
 
 
 def register_schema() -> None:
