@@ -1,5 +1,5 @@
-"""llmtrain as a package: what the wheel holds and declares, configs found from any install, and a
-run from a wheel or an editable install in a fresh venv."""
+"""llmtrain as a package: what the wheel holds and declares, configs found from any install, and
+the extras a run can do without."""
 
 from __future__ import annotations
 
@@ -79,6 +79,12 @@ def test_torch_floor_is_the_tested_torch():
     assert readme_pins == {ci_pin}
 
 
+def test_optional_extras_leave_torch_alone():
+    """An extra that pinned torch would fight the CI pin; the image and users install torch themselves."""
+    for group, reqs in PYPROJECT["project"]["optional-dependencies"].items():
+        assert "torch" not in {_requirement_name(r) for r in reqs}, group
+
+
 def test_listed_packages_are_the_source_tree():
     """``packages`` is an explicit list (configs/ is mapped in); a new subpackage must not fall out of the wheel."""
     setuptools_cfg = PYPROJECT["tool"]["setuptools"]
@@ -118,6 +124,53 @@ def test_llmtrain_config_dir_still_replaces_the_configs(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as info:
         config_dir()
     assert info.value.key == "LLMTRAIN_CONFIG_DIR" and "train.yaml" in str(info.value)
+
+
+# --- extras: a run without them, and the error that names them ------------------------------------
+
+_WITHOUT_EXTRAS = r"""
+import importlib, importlib.util, pkgutil, sys
+sys.modules["triton"] = None        # an import of either now raises ImportError, as if not installed
+sys.modules["bitsandbytes"] = None
+import torch
+import llmtrain
+from llmtrain.errors import ConfigError
+from llmtrain.optim import OPTIMIZERS
+
+for mod in pkgutil.walk_packages(llmtrain.__path__, "llmtrain."):
+    path = importlib.util.find_spec(mod.name).origin
+    if mod.name.startswith("llmtrain.optim.kernels.") and "\nimport triton" in open(path).read():
+        continue  # kernel modules: imported only after triton_usable()/require_triton() said yes
+    importlib.import_module(mod.name)
+
+param = torch.nn.Parameter(torch.randn(64, 64))
+for name in ("adamw8bit", "adamw", "lion"):
+    opt = OPTIMIZERS[name]([param], lr=1e-3)  # impl=auto runs without either extra
+    param.grad = torch.randn_like(param)
+    opt.step()
+for name, impl in (("adamw8bit", "bnb"), ("adamw8bit", "triton"), ("adamw", "triton"), ("lion", "triton")):
+    try:
+        opt = OPTIMIZERS[name]([param], lr=1e-3, impl=impl)
+        param.grad = torch.randn_like(param)
+        opt.step()
+    except ConfigError as err:
+        print(f"{name} {impl}: {err}")
+    else:
+        print(f"{name} {impl}: no error")
+"""
+
+
+@pytest.mark.slow
+def test_a_run_without_the_optional_extras_and_the_errors_naming_them():
+    env = {**torchrun_env(), "TRITON_INTERPRET": "1"}  # so impl=triton fails on triton missing, not on the CPU
+    result = subprocess.run([sys.executable, "-c", _WITHOUT_EXTRAS], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+    assert set(lines) == {"adamw8bit bnb", "adamw8bit triton", "adamw triton", "lion triton"}, result.stdout
+    assert lines["adamw8bit bnb"].startswith("optim.impl: ") and 'pip install "llmtrain[bnb]"' in lines["adamw8bit bnb"]
+    for key in ("adamw8bit triton", "adamw triton", "lion triton"):
+        assert lines[key].startswith("optim.impl: ") and 'pip install "llmtrain[triton]"' in lines[key], lines[key]
 
 
 # --- the wheel, installed into a fresh venv, run from elsewhere -----------------------------------
