@@ -1,5 +1,5 @@
-"""llmtrain as a package: what the wheel holds and declares, configs found from any install, and
-the extras a run can do without."""
+"""llmtrain as a package: what the wheel holds and declares, configs found from any install, a
+user's config folder on top of them (--config-dir), extras that a run can do without."""
 
 from __future__ import annotations
 
@@ -110,6 +110,14 @@ def _user_configs(root: Path) -> Path:
     return root
 
 
+def test_compose_takes_a_user_config_dir_on_top(tmp_path):
+    from llmtrain.cli import compose
+
+    cfg = compose(["+experiment=mine"], user_config_dir=str(_user_configs(tmp_path / "mine")))
+    assert (cfg.optim["name"], cfg.train.max_steps, cfg.model.n_layers, cfg.model.d_model) == ("lion", 3, 2, 64)
+    assert cfg.data.name == "shakespeare"  # everything else still comes from llmtrain's configs
+
+
 def test_llmtrain_config_dir_still_replaces_the_configs(tmp_path, monkeypatch):
     from llmtrain.cli import compose, config_dir
     from llmtrain.errors import ConfigError
@@ -124,6 +132,47 @@ def test_llmtrain_config_dir_still_replaces_the_configs(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as info:
         config_dir()
     assert info.value.key == "LLMTRAIN_CONFIG_DIR" and "train.yaml" in str(info.value)
+
+
+@pytest.mark.parametrize("argv", [["--config-dir={dir}", "a=1"], ["--config-dir", "{dir}", "a=1"],
+                                  ["-cd", "{dir}", "a=1"], ["-cd={dir}", "a=1"]])
+def test_split_config_dir_takes_hydras_spellings(tmp_path, argv):
+    from llmtrain.cli import split_config_dir
+
+    assert split_config_dir([a.format(dir=tmp_path) for a in argv]) == (tmp_path, ["a=1"])
+
+
+@pytest.mark.parametrize("argv", [["--config-dir={dir}/nope"], ["-cd", "{dir}/nope"], ["--config-dir"]])
+def test_config_dir_that_is_not_a_folder(tmp_path, argv):
+    from llmtrain.cli import split_config_dir
+    from llmtrain.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        split_config_dir([a.format(dir=tmp_path) for a in argv])
+    assert info.value.key == "--config-dir" and "not a folder" in str(info.value)
+
+
+def test_prevalidate_composes_with_the_users_folder(tmp_path):
+    from llmtrain.cli import prevalidate
+    from llmtrain.errors import ConfigError
+
+    user = _user_configs(tmp_path / "mine")
+    prevalidate([f"--config-dir={user}", "+experiment=mine", "optim.lr=1e-3"])
+    prevalidate(["-m", f"--config-dir={user}", "+experiment=mine", "optim.lr=1e-3,1e-4"])
+    with pytest.raises(ConfigError) as info:
+        prevalidate(["-cd", str(user), "+experiment=mien"])
+    assert info.value.key == "experiment" and "mine" in str(info.value) and "tiny_shakespeare" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        prevalidate([f"--config-dir={user}", "+experiment=mine", "train.max_stepz=3"])
+    assert info.value.key == "train.max_stepz"
+
+
+def test_cli_config_dir_mistake_is_one_line_exit_2(tmp_path):
+    user = _user_configs(tmp_path / "mine")
+    result = subprocess.run([sys.executable, "-m", "llmtrain", "--config-dir", str(user), "+experiment=mien"],
+                            cwd=tmp_path, env=torchrun_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: experiment: "), result.stderr
 
 
 # --- extras: a run without them, and the error that names them ------------------------------------
