@@ -1,5 +1,5 @@
 """llmtrain as a package: what the wheel holds and declares, configs found from any install, a
-user's config folder on top of them (--config-dir), extras that a run can do without."""
+user's config folder on top of them (--config-dir), extras that a run can do without, the image."""
 
 from __future__ import annotations
 
@@ -77,6 +77,10 @@ def test_torch_floor_is_the_tested_torch():
     floor = [r for r in PYPROJECT["project"]["dependencies"] if _requirement_name(r) == "torch"]
     assert floor == [f"torch>={'.'.join(ci_pin.split('.')[:2])}"]
     assert readme_pins == {ci_pin}
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert re.search(rf"\bTORCH_VERSION={re.escape(ci_pin)}\b", dockerfile), "the image must install the tested torch"
+    final_base = re.findall(r"^FROM (\S+)", dockerfile, re.M)[-1]
+    assert "-devel" in final_base, f"{final_base}: kernels need a compiler and headers at run time"
 
 
 def test_optional_extras_leave_torch_alone():
