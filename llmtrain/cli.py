@@ -18,11 +18,35 @@ from llmtrain.errors import ConfigError, UserError, choices
 
 
 def config_dir() -> Path:
-    """configs/ beside the package (editable / source checkout) unless LLMTRAIN_CONFIG_DIR says otherwise."""
-    path = Path(os.environ.get("LLMTRAIN_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
-    if not (path / "train.yaml").is_file():
-        raise ConfigError("LLMTRAIN_CONFIG_DIR", f"no train.yaml in {path}; point it at llmtrain's configs/ folder")
-    return path
+    """llmtrain's configs: $LLMTRAIN_CONFIG_DIR, else llmtrain/configs in an installed wheel (what
+    ``pkg://llmtrain.configs`` names), else configs/ beside the package in a checkout (editable or not)."""
+    env = os.environ.get("LLMTRAIN_CONFIG_DIR")
+    package = Path(__file__).resolve().parent
+    candidates = [Path(env)] if env else [package / "configs", package.parent / "configs"]
+    for path in candidates:
+        if (path / "train.yaml").is_file():
+            return path
+    if env:
+        raise ConfigError("LLMTRAIN_CONFIG_DIR", f"no train.yaml in {env}; point it at llmtrain's configs/ folder")
+    raise ConfigError("LLMTRAIN_CONFIG_DIR", f"llmtrain's configs are missing from {package} (reinstall llmtrain), "
+                                             "or set it to a configs/ folder")
+
+
+def split_config_dir(argv: Sequence[str]) -> tuple[Optional[Path], list[str]]:
+    """Hydra's ``--config-dir DIR`` (or ``--config-dir=DIR``, ``-cd DIR``): a user's config folder that
+    Hydra searches after llmtrain's, so its groups and options add to ours. Returns it and the rest."""
+    user_dir, rest, args = None, [], iter(argv)
+    for arg in args:
+        flag, eq, value = arg.partition("=")
+        if flag not in ("--config-dir", "-cd"):
+            rest.append(arg)
+            continue
+        value = value if eq else next(args, "")
+        user_dir = Path(os.path.abspath(value)) if value else None  # as Hydra resolves it; the last one wins
+        if user_dir is None or not user_dir.is_dir():
+            raise ConfigError("--config-dir", f"{user_dir or 'no folder given'} is not a folder; "
+                                              "expected a folder of config groups (experiment/, model/, ...)")
+    return user_dir, rest
 
 
 def register_schema() -> None:
@@ -33,9 +57,9 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="llmtrain_schema", node=RootConfig)
 
 
-def _group_options(group: str) -> list[str]:
-    folder = config_dir() / group
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+def _group_options(group: str, user_config_dir: Optional[Path] = None) -> list[str]:
+    folders = [config_dir() / group] + ([user_config_dir / group] if user_config_dir else [])
+    return sorted({p.stem for folder in folders if folder.is_dir() for p in folder.glob("*.yaml")})
 
 
 def _schema_keys(dotted: str) -> list[str]:
@@ -65,13 +89,15 @@ def _resolve_type(owner, field_name: str):
     return hint if isinstance(hint, type) else None
 
 
-def translate_compose_error(err: BaseException) -> ConfigError:
+def translate_compose_error(err: BaseException, user_config_dir: Optional[Path] = None) -> ConfigError:
     """Turn a Hydra/OmegaConf composition error into one ConfigError line."""
     text = f"{err}\n{err.__cause__ or ''}"
     missing = re.search(r"Could not find '([^'/]+)/([^']+)'", text)
     if missing:
         group, option = missing.groups()
-        return ConfigError(group, f"no config {option!r} in configs/{group}/; expected {choices(_group_options(group))}")
+        where = f"configs/{group}/" + (f" or {user_config_dir / group}/" if user_config_dir else "")
+        options = choices(_group_options(group, user_config_dir))
+        return ConfigError(group, f"no config {option!r} in {where}; expected {options}")
     override = re.search(r"Could not (?:override|append to config)[^']*'([^']+)'", text)
     key = override.group(1) if override else ""
     full_key = re.search(r"full_key: (\S+)", text)
@@ -94,23 +120,39 @@ def normalize_overrides(overrides: Sequence[str]) -> list[str]:
     return [f"++{o}" if o.startswith("optim.") else o for o in overrides]
 
 
-def compose(overrides: Sequence[str] = ()):
-    """Compose configs/train.yaml with overrides into a validated RootConfig (used by tests and tools)."""
+def _initialize_hydra(user_config_dir: Optional[Path]) -> None:
+    """GlobalHydra on llmtrain's configs, with a user's folder where hydra.main puts ``--config-dir``
+    (before the schema: after llmtrain's configs, which win a name both hold)."""
+    from hydra import version
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+
+    version.setbase(None)  # as initialize_config_dir(version_base=None) and hydra.main below
+    search_path = create_config_search_path(str(config_dir()))
+    if user_config_dir is not None:
+        search_path.prepend("command-line", f"file://{user_config_dir}", anchor=SearchPathQuery(provider="schema"))
+    Hydra.create_main_hydra2(task_name="llmtrain", config_search_path=search_path)
+
+
+def compose(overrides: Sequence[str] = (), user_config_dir: str | Path | None = None):
+    """Compose configs/train.yaml with overrides into a validated RootConfig (used by tests and tools);
+    ``user_config_dir`` is a ``--config-dir`` folder searched after llmtrain's configs."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     from llmtrain.config import load_config
 
+    user_dir = Path(user_config_dir) if user_config_dir is not None else None
     register_schema()
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(str(config_dir()), version_base=None):
-            cfg = hydra_compose("train", overrides=normalize_overrides(overrides))
+        _initialize_hydra(user_dir)
+        cfg = hydra_compose("train", overrides=normalize_overrides(overrides))
     except UserError:
         raise
     except Exception as err:  # Hydra raises a zoo of types; all are user input errors here
-        raise translate_compose_error(err) from None
+        raise translate_compose_error(err, user_dir) from None
     finally:
         GlobalHydra.instance().clear()
     return load_config(cfg)
@@ -134,6 +176,7 @@ def _sweep_combinations(overrides: list[str], limit: int = 256) -> list[list[str
 
 def prevalidate(argv: Sequence[str]) -> None:
     """Compose every job of the command line once so a mistake fails before Hydra starts."""
+    user_config_dir, argv = split_config_dir(argv)
     multirun = any(a in ("-m", "--multirun") for a in argv)
     overrides = [a for a in argv if not a.startswith("-")]
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
@@ -142,11 +185,11 @@ def prevalidate(argv: Sequence[str]) -> None:
         try:
             jobs = _sweep_combinations(overrides)
         except Exception as err:
-            raise translate_compose_error(err) from None
+            raise translate_compose_error(err, user_config_dir) from None
     else:
         jobs = [overrides]
     for job in jobs:
-        compose(job)
+        compose(job, user_config_dir=user_config_dir)
 
 
 def _fail(err: UserError) -> None:

@@ -39,6 +39,10 @@ def load_kernel(module: str, function: str) -> Callable:
     try:
         return getattr(importlib.import_module(f"llmtrain.optim.kernels.{module}"), function)
     except (ImportError, AttributeError) as err:
+        if isinstance(err, ImportError) and (err.name or "").split(".")[0] == "triton":
+            from llmtrain.optim.kernels import TRITON_MISSING
+
+            raise ConfigError("optim.impl", f"{TRITON_MISSING}; use impl=auto") from None
         raise ConfigError(
             "optim.impl", f"triton kernel llmtrain.optim.kernels.{module}.{function} is unavailable ({err}); use impl=auto"
         ) from None

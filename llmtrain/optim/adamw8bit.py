@@ -57,6 +57,16 @@ def bnb_runs_on(device_type: str) -> bool:
     return bool(torch.isfinite(p).all())
 
 
+def _bnb_installed() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    except Exception:  # installed, but its native library failed to load
+        pass
+    return True
+
+
 def resolve_impl(impl: str, device: torch.device) -> str:
     if impl not in IMPLS:
         raise ConfigError("optim.impl", f"got {impl!r} for adamw8bit, expected {choices(IMPLS)}")
@@ -67,8 +77,9 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     if impl == "triton":
         require_triton(device, accepted=("auto", "bnb", "eager"))
     if impl == "bnb" and not bnb_runs_on(device.type):
-        raise ConfigError("optim.impl", f"bitsandbytes' 8-bit optimizer does not run on {device.type} here; "
-                                        "accepted here: auto, eager")
+        why = (f"bitsandbytes' 8-bit optimizer does not run on {device.type} here" if _bnb_installed()
+               else 'bitsandbytes is not installed (pip install "llmtrain[bnb]")')
+        raise ConfigError("optim.impl", f"{why}; accepted here: auto, eager")
     return impl
 
 

@@ -13,6 +13,8 @@ import torch
 from llmtrain.errors import ConfigError
 from llmtrain.optim.kernels._launch import interpret_mode
 
+TRITON_MISSING = 'triton is not installed (pip install "llmtrain[triton]")'
+
 
 def triton_importable() -> bool:
     try:
@@ -37,7 +39,7 @@ def require_triton(device: torch.device | str, accepted: Sequence[str]) -> None:
     They run on CUDA, or anywhere under ``TRITON_INTERPRET=1`` (slow; meant for tests).
     """
     if not triton_importable():
-        raise ConfigError("optim.impl", "triton is not installed; accepted here: " + ", ".join(accepted))
+        raise ConfigError("optim.impl", f"{TRITON_MISSING}; accepted here: " + ", ".join(accepted))
     if torch.device(device).type != "cuda" and not interpret_mode():
         raise ConfigError(
             "optim.impl",
@@ -45,4 +47,4 @@ def require_triton(device: torch.device | str, accepted: Sequence[str]) -> None:
         )
 
 
-__all__ = ["interpret_mode", "require_triton", "triton_importable", "triton_usable"]
+__all__ = ["TRITON_MISSING", "interpret_mode", "require_triton", "triton_importable", "triton_usable"]
