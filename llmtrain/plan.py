@@ -30,7 +30,7 @@ from llmtrain.plan_layout import (
     optimizer_state_bytes_per_param,
     param_counts,
 )
-from llmtrain.plan_memory import GRAD_BYTES, MASTER_BYTES, memory_per_gpu, runtime_reserve_bytes
+from llmtrain.plan_memory import GRAD_BYTES, MASTER_BYTES, memory_per_gpu, peak_moment, runtime_reserve_bytes
 from llmtrain.plan_time import step_time
 
 __all__ = ["check_fits", "flops_per_token", "format_plan", "memory_per_rank", "param_counts", "plan", "run_dry_run"]
@@ -101,7 +101,7 @@ def _run_precision(precision: str, device: Optional[torch.device]) -> str:
 
 
 def memory_per_rank(cfg: RootConfig, world_size: int, strategy: str,
-                    precision: Optional[str] = None) -> dict[str, Any]:
+                    precision: Optional[str] = None) -> dict[str, int]:
     """Modelled peak bytes per GPU by part (see llmtrain/plan_memory.py).
 
     ``precision`` defaults to ``cfg.train.precision``; ``auto`` resolves as the trainer does on
@@ -211,6 +211,7 @@ def plan(cfg: RootConfig, world_size: Optional[int] = None) -> dict[str, Any]:
                 "hbm_bytes_per_s": gpu.hbm_bytes_per_s, "intra_node_bytes_per_s": gpu.intra_node_bytes_per_s,
                 "inter_node_bytes_per_s": gpu.inter_node_bytes_per_s, "validated": gpu.validated},
         "memory_per_gpu": mem,
+        "memory_peak_at": peak_moment(layout),
         "gpu_memory_bytes": gpu.memory_bytes,
         "runtime_reserve_bytes": reserve,
         "memory_model_error": MEMORY_MODEL_ERROR,
@@ -258,7 +259,7 @@ def format_plan(p: dict[str, Any]) -> str:
                         f"+ optimizer {bpp['optimizer']:g})"),
     ]
     rows.extend((f"  {key.replace('_', ' ')}", _gib(mem[key])) for key in MEMORY_ROWS if mem[key])
-    rows.append(("memory / GPU", f"{_gib(mem['total'])} at its peak ({mem['peak_at']}) + "
+    rows.append(("memory / GPU", f"{_gib(mem['total'])} at its peak ({p['memory_peak_at']}) + "
                                  f"{_gib(p['runtime_reserve_bytes'])} CUDA/NCCL of {_gib(p['gpu_memory_bytes'])} "
                                  f"-> {p['memory_verdict']} (model error ±{p['memory_model_error']:.0%})"))
     rows.append(("step time", f"{parts['step_s']:.3g} s modelled: compute {parts['compute_s']:.3g} s "

@@ -212,9 +212,14 @@ def allocator_fraction(layout: Layout) -> float:
     return ALLOCATOR_FRACTION_COMPILED if layout.compile else ALLOCATOR_FRACTION_EAGER
 
 
-def memory_per_gpu(layout: Layout) -> dict[str, int | str]:
-    """Peak bytes per GPU by part, ``allocator``, ``total`` and ``peak_at`` (see the module docstring)."""
+def memory_per_gpu(layout: Layout) -> dict[str, int]:
+    """Bytes per GPU by part, ``allocator`` and ``total``, the peak (see the module docstring)."""
     parts = memory_parts(layout)
-    allocated, transient, peak_at = peak_allocated(parts, layout)
+    allocated, transient, _ = peak_allocated(parts, layout)
     allocator = int(allocator_fraction(layout) * transient)
-    return {**parts, "allocator": allocator, "total": allocated + allocator, "peak_at": peak_at}
+    return {**parts, "allocator": allocator, "total": allocated + allocator}
+
+
+def peak_moment(layout: Layout) -> str:
+    """When the peak happens: "backward" (its start) or "optimizer step"."""
+    return peak_allocated(memory_parts(layout), layout)[2]
