@@ -30,6 +30,7 @@ LINK_EFFICIENCY = 0.8          # NCCL bus bandwidth / line rate (nccl-tests on N
 class GpuSpec:
     name: str
     peak_flops: float            # dense bf16 tensor FLOP/s
+    fp32_flops: float            # fp32 FLOP/s without TF32 (llmtrain leaves TF32 off)
     memory_bytes: int            # HBM capacity
     hbm_bytes_per_s: float
     intra_node_bytes_per_s: float  # per GPU and direction, to the other GPUs of its node
@@ -57,40 +58,40 @@ _HOPPER = (HOPPER_MATMUL_EFFICIENCY, _FA2_HOPPER)
 _AMPERE = (AMPERE_MATMUL_EFFICIENCY, _FA2_AMPERE)
 
 GPUS: dict[str, GpuSpec] = {spec.name: spec for spec in (
-    # NVIDIA H100 datasheet (SXM5): bf16 1,979 TFLOP/s with sparsity, 80 GB HBM3 at 3.35 TB/s,
+    # NVIDIA H100 datasheet (SXM5): bf16 1,979 TFLOP/s with sparsity, fp32 67, 80 GB HBM3 at 3.35 TB/s,
     # NVLink 900 GB/s (both directions); DGX H100: one 400 Gb/s ConnectX-7 per GPU.
-    GpuSpec("h100_sxm_80gb", 989e12, 80 * GB, 3.35 * TB, 450 * GB, 400 * GBIT, *_HOPPER,
+    GpuSpec("h100_sxm_80gb", 989e12, 67e12, 80 * GB, 3.35 * TB, 450 * GB, 400 * GBIT, *_HOPPER,
             ("H100", "H100 80GB HBM3", "H100 SXM"), validated=True),
     # The H100 of torchtitan's benchmarks (Meta Grand Teton): 96 GB HBM2e at 2.4 TB/s, 500 W
     # limit; "the actual peak TFLOPs number is between SXM and NVL" (torchtitan
-    # benchmarks/llama3_h100_202412_torchtitan.md), so the midpoint of 989 and 835.
-    GpuSpec("h100_96gb", 912e12, 96 * GB, 2.4 * TB, 450 * GB, 400 * GBIT, *_HOPPER, validated=True),
-    # NVIDIA H100 PCIe: bf16 1,513 TFLOP/s with sparsity, 80 GB HBM2e at 2 TB/s, PCIe Gen5 (64 GB/s
+    # benchmarks/llama3_h100_202412_torchtitan.md), so the midpoint of 989 and 835 (fp32: of 67 and 60).
+    GpuSpec("h100_96gb", 912e12, 63.5e12, 96 * GB, 2.4 * TB, 450 * GB, 400 * GBIT, *_HOPPER, validated=True),
+    # NVIDIA H100 PCIe: bf16 1,513 TFLOP/s with sparsity, fp32 51, 80 GB HBM2e at 2 TB/s, PCIe Gen5 (64 GB/s
     # a direction). Efficiency: H100's.
-    GpuSpec("h100_pcie_80gb", 756e12, 80 * GB, 2.0 * TB, 64 * GB, 400 * GBIT, *_HOPPER, ("H100 PCIe",)),
-    # NVIDIA H100 NVL: bf16 1,671 TFLOP/s with sparsity, 94 GB HBM3 at 3.9 TB/s, NVLink bridge
+    GpuSpec("h100_pcie_80gb", 756e12, 51e12, 80 * GB, 2.0 * TB, 64 * GB, 400 * GBIT, *_HOPPER, ("H100 PCIe",)),
+    # NVIDIA H100 NVL: bf16 1,671 TFLOP/s with sparsity, fp32 60, 94 GB HBM3 at 3.9 TB/s, NVLink bridge
     # 600 GB/s (pairs of GPUs; the rest over PCIe Gen5, 64 GB/s a direction). Efficiency: H100's.
-    GpuSpec("h100_nvl_94gb", 835e12, 94 * GB, 3.9 * TB, 64 * GB, 400 * GBIT, *_HOPPER,
+    GpuSpec("h100_nvl_94gb", 835e12, 60e12, 94 * GB, 3.9 * TB, 64 * GB, 400 * GBIT, *_HOPPER,
             ("H100 NVL",)),
-    # NVIDIA H200 datasheet (SXM): bf16 1,979 TFLOP/s with sparsity, 141 GB HBM3e at 4.8 TB/s,
+    # NVIDIA H200 datasheet (SXM): bf16 1,979 TFLOP/s with sparsity, fp32 67, 141 GB HBM3e at 4.8 TB/s,
     # NVLink 900 GB/s; same silicon as H100 SXM, so its efficiencies.
-    GpuSpec("h200_141gb", 989e12, 141 * GB, 4.8 * TB, 450 * GB, 400 * GBIT, *_HOPPER, ("H200",)),
-    # NVIDIA A100 datasheet (SXM 80GB): bf16 312 TFLOP/s, HBM2e 2,039 GB/s, NVLink 600 GB/s;
+    GpuSpec("h200_141gb", 989e12, 67e12, 141 * GB, 4.8 * TB, 450 * GB, 400 * GBIT, *_HOPPER, ("H200",)),
+    # NVIDIA A100 datasheet (SXM 80GB): bf16 312 TFLOP/s, fp32 19.5, HBM2e 2,039 GB/s, NVLink 600 GB/s;
     # DGX A100: one 200 Gb/s HDR InfiniBand port per GPU.
-    GpuSpec("a100_80gb", 312e12, 80 * GB, 2.039 * TB, 300 * GB, 200 * GBIT, *_AMPERE,
+    GpuSpec("a100_80gb", 312e12, 19.5e12, 80 * GB, 2.039 * TB, 300 * GB, 200 * GBIT, *_AMPERE,
             ("A100", "A100-SXM4-80GB", "A100 80GB", "A100-80GB"), validated=True),
     # A100 SXM 40GB: the same compute, HBM2 at 1,555 GB/s.
-    GpuSpec("a100_40gb", 312e12, 40 * GB, 1.555 * TB, 300 * GB, 200 * GBIT, *_AMPERE,
+    GpuSpec("a100_40gb", 312e12, 19.5e12, 40 * GB, 1.555 * TB, 300 * GB, 200 * GBIT, *_AMPERE,
             ("A100-SXM4-40GB", "A100-PCIE-40GB", "A100 40GB"), validated=True),
-    # NVIDIA L40S datasheet: bf16 733 TFLOP/s with sparsity, 48 GB GDDR6 at 864 GB/s, no NVLink
+    # NVIDIA L40S datasheet: bf16 733 TFLOP/s with sparsity, fp32 91.6, 48 GB GDDR6 at 864 GB/s, no NVLink
     # (PCIe Gen4 x16, 32 GB/s a direction). Not validated: Ada's efficiency taken as Ampere's.
-    GpuSpec("l40s", 362e12, 48 * GB, 0.864 * TB, 32 * GB, 100 * GBIT, *_AMPERE, ("L40S",)),
-    # NVIDIA A10 datasheet: bf16 250 TFLOP/s with sparsity, 24 GB GDDR6 at 600 GB/s, PCIe Gen4.
+    GpuSpec("l40s", 362e12, 91.6e12, 48 * GB, 0.864 * TB, 32 * GB, 100 * GBIT, *_AMPERE, ("L40S",)),
+    # NVIDIA A10 datasheet: bf16 250 TFLOP/s with sparsity, fp32 31.2, 24 GB GDDR6 at 600 GB/s, PCIe Gen4.
     # Not validated; AWS's A10G is taken to be an A10.
-    GpuSpec("a10_24gb", 125e12, 24 * GB, 0.6 * TB, 32 * GB, 100 * GBIT, *_AMPERE, ("A10",)),
-    # AMD Instinct MI300X datasheet: bf16 2,614.9 TFLOP/s with sparsity, 192 GB HBM3 at 5.3 TB/s,
+    GpuSpec("a10_24gb", 125e12, 31.2e12, 24 * GB, 0.6 * TB, 32 * GB, 100 * GBIT, *_AMPERE, ("A10",)),
+    # AMD Instinct MI300X datasheet: bf16 2,614.9 TFLOP/s with sparsity, fp32 163.4, 192 GB HBM3 at 5.3 TB/s,
     # Infinity Fabric 896 GB/s (both directions, to 7 peers). Not validated: Hopper's efficiencies.
-    GpuSpec("mi300x", 1307e12, 192 * GB, 5.3 * TB, 448 * GB, 400 * GBIT, *_HOPPER, ("MI300X",)),
+    GpuSpec("mi300x", 1307e12, 163.4e12, 192 * GB, 5.3 * TB, 448 * GB, 400 * GBIT, *_HOPPER, ("MI300X",)),
 )}
 
 

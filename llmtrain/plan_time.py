@@ -8,6 +8,7 @@ Compute (per micro-batch, m = tokens on the GPU):
 - causal flash attention: forward ``2 * b * s^2 * d`` FLOPs (half of the 4bs²d a full score
   matrix costs), backward 2.5 times that (FlashAttention-2 recomputes the scores), at
   ``attention_efficiency * s / (s + 256)`` of peak (short sequences fill the GPU less);
+- in fp32 both run at the GPU's fp32 rate: llmtrain leaves TF32 off;
 - recompute: ``full`` reruns every block's forward, ``selective`` every other block's,
   ``selective_op`` the unsaved matmuls (the 2nd, 4th and 6th) and every elementwise op.
 
@@ -64,7 +65,7 @@ def gemm_seconds(m: int, k: int, n: int, layout: Layout) -> float:
     gpu, b = layout.gpu, (2 if layout.low_precision else 4)
     flops = 2.0 * m * k * n
     traffic = b * (m * k + k * n + m * n)
-    peak = gpu.peak_flops if layout.low_precision else gpu.peak_flops / 2  # tf32: half of bf16
+    peak = gpu.peak_flops if layout.low_precision else gpu.fp32_flops
     t_flops, t_bytes = flops / (peak * gpu.matmul_efficiency), traffic / (gpu.hbm_bytes_per_s * HBM_EFFICIENCY)
     return (t_flops**P_ROOF + t_bytes**P_ROOF) ** (1 / P_ROOF)
 
@@ -75,7 +76,7 @@ def attention_seconds(layout: Layout) -> tuple[float, float]:
     gpu = layout.gpu
     forward_flops = 2.0 * layout.micro_batch_size * s * s * m.d_model
     efficiency = gpu.attention_efficiency * s / (s + ATTENTION_HALF_EFFICIENCY_SEQ)
-    peak = gpu.peak_flops if layout.low_precision else gpu.peak_flops / 2
+    peak = gpu.peak_flops if layout.low_precision else gpu.fp32_flops
     forward = forward_flops / (peak * efficiency)
     return forward, 2.5 * forward
 

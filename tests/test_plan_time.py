@@ -17,7 +17,7 @@ from llmtrain.plan_layout import Layout
 from llmtrain.plan_time import attention_seconds, communication_seconds, compute_seconds, gemm_seconds, step_time
 
 # 100 TFLOP/s, half of it in matmuls and attention; 1 TB/s HBM; 100 GB/s NVLink, 10 GB/s between nodes
-ROUND = GpuSpec("round", peak_flops=100e12, memory_bytes=80 * 10**9, hbm_bytes_per_s=1e12,
+ROUND = GpuSpec("round", peak_flops=100e12, fp32_flops=10e12, memory_bytes=80 * 10**9, hbm_bytes_per_s=1e12,
                 intra_node_bytes_per_s=100e9, inter_node_bytes_per_s=10e9, matmul_efficiency=0.5,
                 attention_efficiency=0.5)
 SMALL = ModelConfig(name="small", family="llama", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=128,
@@ -119,6 +119,12 @@ def cfg(model="llama3_8b", world_size=8, micro=2, seq=8192, ckpt="selective", co
     for key, value in plan_keys.items():
         setattr(root.plan, key, value)
     return root
+
+
+def test_fp32_matmuls_run_at_the_fp32_peak():
+    """llmtrain leaves TF32 off, so fp32 matmuls get the GPU's fp32 rate, not its tensor cores'."""
+    t = gemm_seconds(4096, 4096, 4096, layout(precision="fp32"))
+    assert t == pytest.approx(math.hypot(2 * 4096**3 / (10e12 * 0.5), 4 * 3 * 4096**2 / 0.8e12))
 
 
 def test_throughput_depends_on_checkpointing():
