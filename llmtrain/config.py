@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -91,9 +91,12 @@ class LoggerConfig:
 
 @dataclass
 class PlanConfig:
-    gpu_memory_gb: float = 80.0
-    gpu_peak_tflops: float = 989.0   # H100 SXM dense bf16
-    mfu: float = 0.4
+    gpu: str = "auto"                        # a name in llmtrain.hardware.GPUS; auto = this machine's (else h100_sxm_80gb)
+    mfu: Union[float, str] = "auto"          # auto = modelled step time; a number in (0, 1] overrides it
+    check: bool = True                       # refuse at start-up a run whose modelled memory cannot fit
+    gpu_memory_gb: Optional[float] = None    # overrides the named GPU's memory (decimal GB)
+    gpu_peak_tflops: Optional[float] = None  # overrides its dense bf16 peak
+    inter_node_gbps: Optional[float] = None  # overrides its network bandwidth per GPU between nodes
 
 
 @dataclass

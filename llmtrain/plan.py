@@ -1,56 +1,44 @@
-"""Dry-run planner: size a run before renting GPUs (``llmtrain ... dry_run=true``).
+"""Dry-run planner: size a run before renting GPUs (``llmtrain ... dry_run=true``), and the
+pre-flight memory check every run makes before it allocates anything.
 
 The model is built on the meta device, so nothing is allocated and even 70B plans in a second.
-Everything below is an estimate of *peak* memory per GPU, in bytes, under this accounting:
-
-- ``weights``: fp32 master weights, 4 B/param, divided by the parameter-sharding factor.
-- ``gradients``: fp32 gradients, 4 B/param (FSDP reduces in fp32), divided by the gradient-sharding factor.
-- ``optimizer``: ``state_bytes_per_param`` of the optimizer class (AdamW 8, Lion 4, 8-bit Adam ~2),
-  divided by the optimizer-sharding factor.
-- ``working``: low-precision and gathered copies that exist only during forward/backward:
-  with bf16/fp16 and replicated parameters, autocast caches a 2 B/param copy of every weight;
-  zero2 (FSDP2 without resharding after forward) holds every parameter unsharded in the compute
-  dtype; fsdp/hsdp hold two blocks unsharded (the current one and the prefetched next one), the
-  root module (embeddings, head) unsharded, and one block's unsharded fp32 gradient before the
-  reduce-scatter.
-- ``activations``: tensors saved for backward, counted per token and layer for SDPA's
-  flash/memory-efficient kernels (no T x T score matrix is stored):
-  LLaMA 7d + 3·d_kv + 4f (norm in/out 2d, q and k before and after RoPE 2d + 2·d_kv, v d_kv,
-  attention output d, MLP norm in/out 2d, gate, up, silu(gate), product 4f); GPT 8d + 2f.
-  Full checkpointing keeps only each block's input (d) plus one block being recomputed;
-  selective (every other block) keeps full activations for the odd blocks. The head adds the
-  logits, their fp32 copy for the loss and its gradient: B·T·V·(act_bytes + 8). Element size is
-  2 B under bf16/fp16 and 4 B under fp32; ``plan`` treats ``auto`` precision as bf16 (a GPU run).
-
-Sharding factors with N ranks (S = min(gpus_per_node, N) for hsdp):
-none/ddp 1/1/1, zero1 1/1/N, zero2 N/N/N (+ unsharded working copy), fsdp N/N/N, hsdp S/S/S.
-A plan "fits" when the total is at most 90% of ``plan.gpu_memory_gb`` (decimal GB): the rest is
-left for the CUDA context, NCCL buffers and allocator fragmentation.
-
-FLOPs per token (PaLM, Chowdhery et al. 2022, App. B): 6·N_matmul + 12·L·d·T, where N_matmul is
-every weight that multiplies a token (non-embedding parameters plus the output head, tied or
-not) and 12·L·d·T the attention score and value products at sequence length T.
+``plan.json`` holds the parameters, FLOPs per token (PaLM, Chowdhery et al. 2022, App. B:
+6·N_matmul + 12·L·d·T, N_matmul = non-embedding parameters plus the output head), the modelled
+peak memory per GPU by part (llmtrain/plan_memory.py) and the modelled step time by part, with
+tokens/s per GPU and what bounds the step (llmtrain/plan_time.py), on the GPU ``plan.gpu`` names
+(llmtrain/hardware.py). Both models are checked against published runs by
+``scripts/validate_planner.py``; ``MEMORY_MODEL_ERROR`` is the memory model's largest error there.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from llmtrain.config import RootConfig
-from llmtrain.errors import ConfigError
-from llmtrain.models import build_model
-from llmtrain.models.config import ModelConfig
-from llmtrain.models.llama import llama_ffn_hidden
+from llmtrain.errors import ConfigError, ResourceError
+from llmtrain.hardware import DEFAULT_GPU, GpuSpec, available_memory_bytes, detect_gpu, gpu_spec
+from llmtrain.plan_layout import (
+    Layout,
+    check_layout,
+    flops_per_token,
+    optimizer_state_bytes_per_param,
+    param_counts,
+)
+from llmtrain.plan_memory import GRAD_BYTES, MASTER_BYTES, memory_per_gpu, peak_moment, runtime_reserve_bytes
+from llmtrain.plan_time import step_time
 
-DEFAULT_STATE_BYTES_PER_PARAM = 8.0  # AdamW's two fp32 moments, when an optimizer does not say
-MASTER_BYTES = 4                     # fp32 master weights
-GRAD_BYTES = 4                       # fp32 gradients
-FIT_FRACTION = 0.9
+__all__ = ["check_fits", "flops_per_token", "format_plan", "memory_per_rank", "param_counts", "plan", "run_dry_run"]
+
+# Largest |error| of the modelled peak memory on the check rows of scripts/validate_planner.py
+# (tests/test_plan_validation.py keeps this at or above what the script measures).
+MEMORY_MODEL_ERROR = 0.08
+SHORT_STEP_S = 0.01
 
 
 def resolve_strategy(strategy: str, world_size: int) -> str:
@@ -59,129 +47,108 @@ def resolve_strategy(strategy: str, world_size: int) -> str:
     return resolve(strategy, world_size)
 
 
-def _meta_model(mcfg: ModelConfig):
-    with torch.device("meta"):
-        return build_model(mcfg)
+def planned_mfu(cfg: RootConfig) -> Optional[float]:
+    """``plan.mfu`` as a number, or None for ``auto`` (the modelled step time)."""
+    mfu = cfg.plan.mfu
+    if isinstance(mfu, str):
+        if mfu != "auto":
+            raise ConfigError("plan.mfu", f"got {mfu!r}, expected auto or a number in (0, 1]")
+        return None
+    if isinstance(mfu, bool) or not 0 < mfu <= 1:
+        raise ConfigError("plan.mfu", f"got {mfu!r}, expected auto or a number in (0, 1]")
+    return float(mfu)
 
 
-_COUNTS: dict[str, dict[str, int]] = {}
-
-
-def param_counts(mcfg: ModelConfig) -> dict[str, int]:
-    """total, embedding (input token/position tables), non_embedding, per_block, matmul."""
-    key = repr(mcfg)
-    if key not in _COUNTS:
-        _COUNTS[key] = _count(mcfg)
-    return dict(_COUNTS[key])
-
-
-def _count(mcfg: ModelConfig) -> dict[str, int]:
-    model = _meta_model(mcfg)
-    total = model.num_params()
-    non_embedding = model.num_params(exclude_embeddings=True)
-    per_block = sum(p.numel() for p in model.layers[0].parameters())
-    head = mcfg.vocab_size * mcfg.d_model
-    return {
-        "total": total,
-        "embedding": total - non_embedding,
-        "non_embedding": non_embedding,
-        "per_block": per_block,
-        # weights that multiply every token: the non-embedding ones plus the head (tied heads
-        # were excluded with the embedding they share)
-        "matmul": non_embedding + (head if mcfg.tie_embeddings else 0),
-    }
-
-
-def flops_per_token(mcfg: ModelConfig, seq_len: int) -> int:
-    """Training FLOPs per token: 6·N_matmul + 12·n_layers·d_model·seq_len (PaLM App. B)."""
-    return 6 * param_counts(mcfg)["matmul"] + 12 * mcfg.n_layers * mcfg.d_model * seq_len
-
-
-def optimizer_state_bytes_per_param(optim: dict[str, Any]) -> tuple[float, Optional[str]]:
-    """The optimizer class's ``state_bytes_per_param``, or 8.0 and a note saying it was assumed."""
-    from llmtrain.optim import OPTIMIZERS
-
-    name = optim.get("name")
-    if name == "sam":  # a wrapper: its state is its base optimizer's
-        name = optim.get("base", "adamw")
-    cls = OPTIMIZERS.get(name)
-    value = getattr(cls, "state_bytes_per_param", None) if cls is not None else None
-    if value is None:
-        return DEFAULT_STATE_BYTES_PER_PARAM, (
-            f"optimizer {name!r} does not declare state_bytes_per_param; assumed {DEFAULT_STATE_BYTES_PER_PARAM} (AdamW)")
-    return float(value), None
-
-
-def _act_bytes(precision: str) -> int:
-    return 4 if precision == "fp32" else 2
-
-
-def _shard_factors(strategy: str, world_size: int, gpus_per_node: int) -> tuple[int, int, int]:
-    n = world_size
-    s = max(1, min(gpus_per_node, n))
-    return {
-        "none": (1, 1, 1), "ddp": (1, 1, 1), "zero1": (1, 1, n),
-        "zero2": (n, n, n), "fsdp": (n, n, n), "hsdp": (s, s, s),
-    }[strategy]
-
-
-def activation_bytes(mcfg: ModelConfig, micro_batch_size: int, seq_len: int, precision: str) -> int:
-    """Bytes saved for backward by one micro-batch (see the module docstring for the count)."""
-    d, L = mcfg.d_model, mcfg.n_layers
-    d_kv = (mcfg.n_kv_heads or mcfg.n_heads) * (d // mcfg.n_heads)
-    if mcfg.family == "llama":
-        per_layer = 7 * d + 3 * d_kv + 4 * llama_ffn_hidden(mcfg)
+def resolve_gpu(cfg: RootConfig, device: Optional[torch.device] = None) -> tuple[GpuSpec, Optional[str]]:
+    """The GPU to plan for (``plan.gpu``; ``auto`` = this machine's, with its real memory) with the
+    ``plan.*`` overrides applied, and a note when ``auto`` fell back to the default."""
+    p = cfg.plan
+    detected = detect_gpu(device) if p.gpu == "auto" else None
+    note = None
+    if p.gpu != "auto":
+        name = p.gpu
+    elif detected is not None:
+        name = detected.name
     else:
-        per_layer = 8 * d + 2 * (mcfg.ffn_hidden or 4 * d)
-    mode = mcfg.activation_checkpointing
-    if mode == "full":
-        elements = L * d + per_layer
-    elif mode == "selective":
-        checkpointed = math.ceil(L / 2)
-        elements = checkpointed * d + (L - checkpointed) * per_layer + per_layer
-    else:
-        elements = L * per_layer
-    b = _act_bytes(precision)
-    tokens = micro_batch_size * seq_len
-    head = tokens * mcfg.vocab_size * (b + 8)
-    return tokens * (elements + 2 * d) * b + head  # + final norm in/out
+        name = DEFAULT_GPU
+        note = f"plan.gpu=auto without a known GPU here: planned for {DEFAULT_GPU}; name another with plan.gpu=NAME"
+    memory_gb = p.gpu_memory_gb
+    if memory_gb is None and detected is not None:
+        memory_gb = detected.memory_bytes / 1e9
+    spec = gpu_spec(name, memory_gb=memory_gb, peak_tflops=p.gpu_peak_tflops, inter_node_gbps=p.inter_node_gbps)
+    return spec, note
+
+
+def layout_from_config(cfg: RootConfig, world_size: int, strategy: str, precision: str, gpu: GpuSpec) -> Layout:
+    t = cfg.train
+    bpp, _ = optimizer_state_bytes_per_param(cfg.optim)
+    dp = world_size if strategy != "none" else 1
+    layout = Layout(model=cfg.model, gpu=gpu, world_size=world_size, strategy=strategy,
+                    gpus_per_node=cfg.distributed.gpus_per_node, micro_batch_size=t.micro_batch_size,
+                    seq_len=t.seq_len, grad_accum_steps=max(1, t.global_batch_size // (t.micro_batch_size * dp)),
+                    precision=precision, checkpointing=cfg.model.activation_checkpointing, compile=t.compile,
+                    optimizer_state_bytes=bpp)
+    check_layout(layout)
+    return layout
+
+
+def _run_precision(precision: str, device: Optional[torch.device]) -> str:
+    """``auto`` as the trainer resolves it on ``device``: bf16 on a bf16-capable GPU, else fp32."""
+    if precision != "auto":
+        return precision
+    on_gpu = torch.cuda.is_available() and (device is None or device.type == "cuda")
+    return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def memory_per_rank(cfg: RootConfig, world_size: int, strategy: str,
                     precision: Optional[str] = None) -> dict[str, int]:
-    """Peak bytes per GPU: weights, gradients, optimizer, working, activations, total.
+    """Modelled peak bytes per GPU by part (see llmtrain/plan_memory.py).
 
     ``precision`` defaults to ``cfg.train.precision``; ``auto`` resolves as the trainer does on
-    this machine (bf16 on a bf16-capable GPU, else fp32), since the trainer calls this to refuse a
-    run that cannot fit. ``plan`` passes bf16 for ``auto`` because it plans GPU runs.
+    this machine (bf16 on a bf16-capable GPU, else fp32). ``plan`` passes bf16 for ``auto``.
     """
     strategy = resolve_strategy(strategy, world_size)
-    precision = precision or cfg.train.precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    mcfg = cfg.model
-    counts = param_counts(mcfg)
-    P = counts["total"]
-    w_shard, g_shard, o_shard = _shard_factors(strategy, world_size, cfg.distributed.gpus_per_node)
-    bpp, _ = optimizer_state_bytes_per_param(cfg.optim)
-    low = precision in ("bf16", "fp16")
-    compute_bytes = 2 if low else 4
-    if strategy in ("none", "ddp", "zero1"):
-        working = 2 * P if low else 0
-    elif strategy == "zero2":
-        working = P * compute_bytes
-    else:
-        root = P - mcfg.n_layers * counts["per_block"]
-        working = 2 * counts["per_block"] * compute_bytes + counts["per_block"] * GRAD_BYTES + root * compute_bytes
-    mem = {
-        "weights": math.ceil(MASTER_BYTES * P / w_shard),
-        "gradients": math.ceil(GRAD_BYTES * P / g_shard),
-        "optimizer": math.ceil(bpp * P / o_shard),
-        "working": int(working),
-        "activations": activation_bytes(mcfg, cfg.train.micro_batch_size, cfg.train.seq_len, precision),
+    precision = _run_precision(precision or cfg.train.precision, None)
+    gpu = gpu_spec(DEFAULT_GPU)  # memory does not depend on the GPU's speed
+    return memory_per_gpu(layout_from_config(cfg, world_size, strategy, precision, gpu))
+
+
+def memory_verdict(need: int, capacity: int) -> str:
+    """fits / tight (within the model's error below capacity) / may not fit (within it above) /
+    does not fit."""
+    if need > capacity * (1 + MEMORY_MODEL_ERROR):
+        return "does not fit"
+    if need > capacity:
+        return "may not fit"
+    if need > capacity * (1 - MEMORY_MODEL_ERROR):
+        return "tight"
+    return "fits"
+
+
+def _throughput(layout: Layout, cfg: RootConfig, fpt: int, world_size: int) -> dict[str, Any]:
+    t = cfg.train
+    modelled = step_time(layout)
+    override = planned_mfu(cfg)
+    per_gpu = float(modelled["tokens_per_s_per_gpu"])
+    if override is not None:
+        per_gpu = override * layout.gpu.peak_flops / fpt
+    tokens_per_s = per_gpu * world_size
+    tokens_per_step = t.global_batch_size * t.seq_len
+    breakdown = {k: float(modelled[k]) for k in ("compute_s", "matmul_s", "attention_s", "memory_bound_s",
+                                                  "communication_s", "exposed_communication_s", "step_s")}
+    return {
+        "tokens_per_s_per_gpu": per_gpu,
+        "tokens_per_s": tokens_per_s,
+        "tokens_per_day": tokens_per_s * 86400,
+        "tokens_per_step": tokens_per_step,
+        "step_time_s": tokens_per_step / tokens_per_s,
+        "run_days": t.max_steps * tokens_per_step / tokens_per_s / 86400,
+        "mfu": fpt * per_gpu / layout.gpu.peak_flops,
+        "mfu_source": "modelled" if override is None else "plan.mfu",
+        "gpu_peak_tflops": layout.gpu.peak_flops / 1e12,
+        "bound": modelled["bound"],
+        "modelled_breakdown_per_step": breakdown,
     }
-    mem["total"] = sum(mem.values())
-    return mem
 
 
 def plan(cfg: RootConfig, world_size: Optional[int] = None) -> dict[str, Any]:
@@ -192,25 +159,33 @@ def plan(cfg: RootConfig, world_size: Optional[int] = None) -> dict[str, Any]:
     strategy = resolve_strategy(cfg.distributed.strategy, world_size)
     precision = "bf16" if cfg.train.precision == "auto" else cfg.train.precision
     t, mcfg = cfg.train, cfg.model
-    per_step = t.micro_batch_size * world_size
+    dp = world_size if strategy != "none" else 1
+    per_step = t.micro_batch_size * dp
     if t.global_batch_size % per_step:
         raise ConfigError("train.global_batch_size",
                           f"{t.global_batch_size} is not divisible by train.micro_batch_size x world_size = "
                           f"{t.micro_batch_size} x {world_size}; use a multiple of {per_step}")
+    gpu, gpu_note = resolve_gpu(cfg)
+    layout = layout_from_config(cfg, world_size, strategy, precision, gpu)
     counts = param_counts(mcfg)
     bpp, note = optimizer_state_bytes_per_param(cfg.optim)
-    mem = memory_per_rank(cfg, world_size, strategy, precision)
-    capacity = int(cfg.plan.gpu_memory_gb * 1e9)
+    mem = memory_per_gpu(layout)
+    reserve = runtime_reserve_bytes(layout)
     fpt = flops_per_token(mcfg, t.seq_len)
-    cluster_flops = world_size * cfg.plan.gpu_peak_tflops * 1e12 * cfg.plan.mfu
-    tokens_per_s = cluster_flops / fpt
-    tokens_per_step = t.global_batch_size * t.seq_len
-    notes = [note] if note else []
+    verdict = memory_verdict(int(mem["total"]) + reserve, gpu.memory_bytes)
+    notes = [n for n in (note, gpu_note) if n]
     if strategy != cfg.distributed.strategy:
         notes.append(f"distributed.strategy={cfg.distributed.strategy} runs as {strategy} on {world_size} GPU(s); "
                      f"plan another size with distributed.world_size=N")
     if cfg.train.precision == "auto":
         notes.append("precision auto planned as bf16 (bf16-capable GPU)")
+    throughput = _throughput(layout, cfg, fpt, world_size)
+    if throughput["modelled_breakdown_per_step"]["step_s"] < SHORT_STEP_S:
+        notes.append(f"a modelled step under {SHORT_STEP_S * 1e3:.0f} ms: kernel launches and Python overhead, which "
+                     f"the model does not count, likely set the pace of a model this small")
+    if layout.grad_accum_steps > 1 and strategy in ("zero2", "fsdp", "hsdp"):
+        notes.append(f"{layout.grad_accum_steps} accumulation steps: FSDP keeps unsharded fp32 gradients between "
+                     f"micro-batches (accumulated_gradients); a larger micro-batch avoids them")
     return {
         "model": mcfg.name,
         "family": mcfg.family,
@@ -223,26 +198,26 @@ def plan(cfg: RootConfig, world_size: Optional[int] = None) -> dict[str, Any]:
         "gpus_per_node": cfg.distributed.gpus_per_node,
         "precision": precision,
         "activation_checkpointing": mcfg.activation_checkpointing,
+        "compile": t.compile,
         "micro_batch_size": t.micro_batch_size,
         "seq_len": t.seq_len,
-        "grad_accum_steps": t.global_batch_size // per_step,
+        "grad_accum_steps": layout.grad_accum_steps,
         "optimizer": {"name": cfg.optim.get("name"), "state_bytes_per_param": bpp},
         "bytes_per_param_before_sharding": {
             "weights": MASTER_BYTES, "gradients": GRAD_BYTES, "optimizer": bpp,
             "total": MASTER_BYTES + GRAD_BYTES + bpp,
         },
+        "gpu": {"name": gpu.name, "peak_tflops": gpu.peak_flops / 1e12, "memory_bytes": gpu.memory_bytes,
+                "hbm_bytes_per_s": gpu.hbm_bytes_per_s, "intra_node_bytes_per_s": gpu.intra_node_bytes_per_s,
+                "inter_node_bytes_per_s": gpu.inter_node_bytes_per_s, "validated": gpu.validated},
         "memory_per_gpu": mem,
-        "gpu_memory_bytes": capacity,
-        "fits": mem["total"] <= FIT_FRACTION * capacity,
-        "throughput": {
-            "mfu": cfg.plan.mfu,
-            "gpu_peak_tflops": cfg.plan.gpu_peak_tflops,
-            "tokens_per_s": tokens_per_s,
-            "tokens_per_day": tokens_per_s * 86400,
-            "tokens_per_step": tokens_per_step,
-            "step_time_s": tokens_per_step / tokens_per_s,
-            "run_days": t.max_steps * tokens_per_step / tokens_per_s / 86400,
-        },
+        "memory_peak_at": peak_moment(layout),
+        "gpu_memory_bytes": gpu.memory_bytes,
+        "runtime_reserve_bytes": reserve,
+        "memory_model_error": MEMORY_MODEL_ERROR,
+        "memory_verdict": verdict,
+        "fits": verdict in ("fits", "tight"),
+        "throughput": throughput,
         "notes": notes,
     }
 
@@ -258,10 +233,15 @@ def _human(n: float) -> str:
     return f"{n:.0f}"
 
 
+BOUND_WORDS = {"compute": "compute-bound", "memory_bound": "memory-bound", "communication": "communication-bound"}
+MEMORY_ROWS = ("weights", "gradients", "optimizer", "working", "accumulated_gradients", "activations", "recompute",
+               "loss", "allocator")
+
+
 def format_plan(p: dict[str, Any]) -> str:
     """A table a person reads before launching the run."""
-    mem, par, thr = p["memory_per_gpu"], p["params"], p["throughput"]
-    bpp = p["bytes_per_param_before_sharding"]
+    mem, par, thr, gpu = p["memory_per_gpu"], p["params"], p["throughput"], p["gpu"]
+    bpp, parts = p["bytes_per_param_before_sharding"], thr["modelled_breakdown_per_step"]
     rows = [
         ("model", f"{p['model']} ({p['family']})"),
         ("parameters", f"{_human(par['total'])} ({par['total']:,}); embedding {par['embedding']:,}, "
@@ -269,18 +249,28 @@ def format_plan(p: dict[str, Any]) -> str:
         ("FLOPs / token", f"{_human(p['flops_per_token'])} ({p['flops_formula']})"),
         ("layout", f"{p['strategy']} on {p['world_size']} GPU(s), {p['precision']}, micro-batch "
                    f"{p['micro_batch_size']} x {p['seq_len']} tokens, {p['grad_accum_steps']} accumulation step(s), "
-                   f"checkpointing {p['activation_checkpointing']}"),
+                   f"checkpointing {p['activation_checkpointing']}{', compiled' if p['compile'] else ''}"),
+        ("GPU", f"{gpu['name']}: {gpu['peak_tflops']:g} TFLOP/s bf16, {gpu['memory_bytes'] / 1e9:g} GB at "
+                f"{gpu['hbm_bytes_per_s'] / 1e12:g} TB/s, {gpu['intra_node_bytes_per_s'] / 1e9:g} GB/s in a node, "
+                f"{gpu['inter_node_bytes_per_s'] / 1e9:g} GB/s between nodes"
+                f"{'' if gpu['validated'] else ' (efficiencies not validated on this GPU)'}"),
         ("optimizer", f"{p['optimizer']['name']}: {p['optimizer']['state_bytes_per_param']:g} B/param of state"),
         ("bytes/param", f"{bpp['total']:g} before sharding (weights {bpp['weights']} + grads {bpp['gradients']} "
                         f"+ optimizer {bpp['optimizer']:g})"),
     ]
-    for key in ("weights", "gradients", "optimizer", "working", "activations"):
-        rows.append((f"  {key}", _gib(mem[key])))
-    verdict = "fits" if p["fits"] else "DOES NOT FIT"
-    rows.append(("memory / GPU", f"{_gib(mem['total'])} of {p['gpu_memory_bytes'] / 1e9:g} GB "
-                                 f"({_gib(p['gpu_memory_bytes'])}) -> {verdict} (limit {FIT_FRACTION:.0%})"))
-    rows.append(("throughput", f"{_human(thr['tokens_per_s'])} tokens/s, {_human(thr['tokens_per_day'])} tokens/day "
-                               f"at MFU {thr['mfu']:.0%} of {thr['gpu_peak_tflops']:g} TFLOP/s per GPU"))
+    rows.extend((f"  {key.replace('_', ' ')}", _gib(mem[key])) for key in MEMORY_ROWS if mem[key])
+    rows.append(("memory / GPU", f"{_gib(mem['total'])} at its peak ({p['memory_peak_at']}) + "
+                                 f"{_gib(p['runtime_reserve_bytes'])} CUDA/NCCL of {_gib(p['gpu_memory_bytes'])} "
+                                 f"-> {p['memory_verdict']} (model error ±{p['memory_model_error']:.0%})"))
+    rows.append(("step time", f"{parts['step_s']:.3g} s modelled: compute {parts['compute_s']:.3g} s "
+                              f"(matmul {parts['matmul_s']:.3g}, attention {parts['attention_s']:.3g}), memory-bound "
+                              f"{parts['memory_bound_s']:.3g} s, communication {parts['communication_s']:.3g} s "
+                              f"of which "
+                              f"{parts['exposed_communication_s']:.3g} s exposed -> {BOUND_WORDS[thr['bound']]}"))
+    source = "modelled" if thr["mfu_source"] == "modelled" else "from plan.mfu"
+    rows.append(("throughput", f"{thr['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU, "
+                               f"{_human(thr['tokens_per_s'])} tokens/s, "
+                               f"{_human(thr['tokens_per_day'])} tokens/day; MFU {thr['mfu']:.0%} ({source})"))
     rows.append(("run", f"{thr['step_time_s']:.2f} s/step, {thr['run_days']:.2f} days for the configured max_steps"))
     rows.extend(("note", n) for n in p["notes"])
     width = max(len(k) for k, _ in rows)
@@ -296,3 +286,33 @@ def run_dry_run(cfg: RootConfig, run_dir: str) -> dict[str, Any]:
     print(format_plan(p))
     print(f"plan written to {out / 'plan.json'}")
     return p
+
+
+def check_fits(cfg: RootConfig, world_size: int, strategy: str, device: torch.device) -> Optional[str]:
+    """Refuse a run the machine cannot hold before allocating anything (no OOM crash).
+
+    Refuses only when the modelled peak is over capacity by more than the memory model's own
+    error; within that band it warns (and returns the warning). ``plan.check=false`` skips it.
+    On CPU the capacity is the host's available memory.
+    """
+    planned_mfu(cfg)  # a bad plan.* value is an error at start-up, not only in dry runs
+    gpu, _ = resolve_gpu(cfg, device)
+    if not cfg.plan.check:
+        return None
+    layout = layout_from_config(cfg, world_size, strategy, _run_precision(cfg.train.precision, device), gpu)
+    need = int(memory_per_gpu(layout)["total"]) + (runtime_reserve_bytes(layout) if device.type == "cuda" else 0)
+    have = available_memory_bytes(device)
+    verdict = memory_verdict(need, have)
+    what = (f"{cfg.model.name} needs ~{need / 2**30:.1f} GiB per rank under strategy={strategy} with "
+            f"{world_size} rank(s), but this {device.type} has {have / 2**30:.1f} GiB")
+    if verdict == "does not fit":
+        raise ResourceError(
+            "model",
+            f"{what}; see the plan with dry_run=true, or launch on more GPUs (torchrun --nproc_per_node=N, "
+            f"distributed.strategy=fsdp), or skip this check with plan.check=false",
+        )
+    if verdict == "may not fit" and int(os.environ.get("RANK", "0")) == 0:
+        warning = f"warning: {what} (within the memory model's ±{MEMORY_MODEL_ERROR:.0%}); it may run out of memory"
+        print(warning, file=sys.stderr)
+        return warning
+    return None

@@ -26,16 +26,15 @@ from llmtrain.distributed import (
     parallelize, shutdown, unwrap,
 )
 from llmtrain.errors import ConfigError, ResourceError, UserError
+from llmtrain.hardware import peak_flops
 from llmtrain.logging import RunLogger
 from llmtrain.optim.protocol import StepContext, state_bytes
 from llmtrain.optim.sharded import shard_optimizer
+from llmtrain.plan import check_fits
 from llmtrain.preemption import StopRequest
 from llmtrain.resume import TRAINER_KEYS, Resumed, hyperparameter_keys, resume
 from llmtrain.run_lock import RunLock
 from llmtrain.schedules import lr_factor
-
-# Dense bf16 peak FLOP/s of GPUs we can name, for MFU. Unknown devices report mfu: null.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
@@ -49,31 +48,6 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def available_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 1 << 62
-
-
-def check_fits(cfg: RootConfig, world_size: int, strategy: str, device: torch.device) -> None:
-    """Refuse a run the machine cannot hold before allocating anything (no OOM crash)."""
-    from llmtrain.plan import memory_per_rank
-
-    need = memory_per_rank(cfg, world_size, strategy)["total"]
-    have = available_memory_bytes(device)
-    if need > 0.9 * have:
-        raise ResourceError(
-            "model",
-            f"{cfg.model.name} needs ~{need / 2**30:.1f} GiB per rank under strategy={strategy} with "
-            f"{world_size} rank(s), but this {device.type} has {have / 2**30:.1f} GiB; "
-            f"see the plan with dry_run=true, or launch on more GPUs (torchrun --nproc_per_node=N, distributed.strategy=fsdp)",
-        )
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -466,8 +440,7 @@ class Trainer:
         vals = [r["val_loss"] for r in self.log.eval_rows if math.isfinite(r["val_loss"])]
         tokens_per_s = self.tokens / self.elapsed if self.elapsed > 0 else 0.0
         flops_per_token = 6 * self.params + 12 * m.n_layers * m.d_model * self.cfg.train.seq_len
-        peak = next((v for k, v in PEAK_FLOPS.items() if self.env.device.type == "cuda"
-                     and k in torch.cuda.get_device_name(self.env.device)), None)
+        peak = peak_flops(self.env.device)  # None (mfu: null) on CPU and unknown GPUs
         opt_bytes = state_bytes(self.optimizer)
         return {
             "status": status, "reason": reason, "optimizer": self.cfg.optim.get("name"), "lr": self.cfg.optim.get("lr"),
