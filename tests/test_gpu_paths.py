@@ -16,7 +16,9 @@ from llmtrain import checkpoint, distributed
 from llmtrain.errors import ConfigError, ResourceError
 from llmtrain.optim import _common, compiled, kernels, lion
 from llmtrain.optim import adamw8bit as adamw8bit_module
-from llmtrain.trainer import available_memory_bytes, check_fits, peak_memory_bytes, resolve_precision
+from llmtrain.hardware import available_memory_bytes
+from llmtrain.plan import check_fits
+from llmtrain.trainer import peak_memory_bytes, resolve_precision
 
 CUDA0, CUDA1 = torch.device("cuda", 0), torch.device("cuda", 1)
 H100 = SimpleNamespace(name="NVIDIA H100 80GB HBM3", total_memory=80 * 2**30, major=9, minor=0)
@@ -223,7 +225,8 @@ def test_triton_is_usable_on_cuda_devices_only(monkeypatch):
     kernels.require_triton(CUDA0, accepted=("auto",))  # no error on a GPU
     monkeypatch.setattr(kernels, "triton_importable", lambda: False)
     assert not kernels.triton_usable(CUDA0)
-    with pytest.raises(ConfigError, match="^optim.impl: triton is not installed; accepted here: auto, eager"):
+    with pytest.raises(ConfigError, match=r'^optim.impl: triton is not installed \(pip install "llmtrain\[triton\]"\); '
+                                          r"accepted here: auto, eager$"):
         kernels.require_triton(CUDA0, accepted=("auto", "eager"))
 
 
