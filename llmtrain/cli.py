@@ -155,7 +155,7 @@ def compose(overrides: Sequence[str] = (), user_config_dir: str | Path | None = 
         raise translate_compose_error(err, user_dir) from None
     finally:
         GlobalHydra.instance().clear()
-    return load_config(cfg)
+    return load_config(cfg, overrides)
 
 
 def _sweep_combinations(overrides: list[str], limit: int = 256) -> list[list[str]]:
@@ -203,7 +203,7 @@ def run_job(cfg_node) -> Optional[dict]:
 
     from llmtrain.config import load_config
 
-    cfg = load_config(cfg_node)
+    cfg = load_config(cfg_node, HydraConfig.get().overrides.task)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else Path(HydraConfig.get().runtime.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.dry_run:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -18,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from llmtrain.cpu_matmul import check_cpu_matmul
 from llmtrain.data.config import DataConfig
+from llmtrain.data.hub import is_hub_id
 from llmtrain.errors import ConfigError, choices
 from llmtrain.models.config import ModelConfig
 
@@ -153,8 +155,9 @@ def _unknown_key(node: Any, schema: type, prefix: str = "") -> Optional[tuple[st
     return None
 
 
-def load_config(cfg: DictConfig | dict) -> RootConfig:
-    """Merge a composed config onto the schema and validate it; raises ConfigError."""
+def load_config(cfg: DictConfig | dict, overrides: Sequence[str] = ()) -> RootConfig:
+    """Merge a composed config onto the schema, apply ``model.from_hf`` (``overrides``, the command
+    line's, say which model keys the user set and keep) and validate it; raises ConfigError."""
     unknown = _unknown_key(cfg, RootConfig)
     if unknown:
         key, known = unknown
@@ -165,6 +168,11 @@ def load_config(cfg: DictConfig | dict) -> RootConfig:
         obj: RootConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         raise _one_line(err) from None
+    if obj.model.from_hf:
+        from llmtrain.export import apply_from_hf
+
+        _check_hf_sources(obj.model)
+        apply_from_hf(obj.model, overrides)
     validate(obj)
     return obj
 
@@ -210,8 +218,7 @@ def validate(cfg: RootConfig, dp_world_size: int = 1) -> None:
         raise ConfigError("model.n_kv_heads", f"{m.n_kv_heads} must be > 0 and divide model.n_heads={m.n_heads}")
     if t.seq_len > m.max_seq_len:
         raise ConfigError("train.seq_len", f"{t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-    if m.init_from is not None and not os.path.exists(m.init_from):
-        raise ConfigError("model.init_from", f"no such file or directory: {m.init_from}")
+    _check_hf_sources(m)
 
     s = cfg.schedule
     _check_choice("schedule.name", s.name, SCHEDULES)
@@ -232,6 +239,14 @@ def validate(cfg: RootConfig, dp_world_size: int = 1) -> None:
     if cfg.data.val_fraction == 0 and t.eval_every > 0:
         raise ConfigError("data.val_fraction", "is 0, so there is no validation split; set it > 0 or train.eval_every=0")
     validate_optim(cfg.optim)
+
+
+def _check_hf_sources(m: ModelConfig) -> None:
+    """``model.init_from`` / ``model.from_hf``: an existing path, or shaped like a hub id (org/name)."""
+    for key, value in (("model.init_from", m.init_from), ("model.from_hf", m.from_hf)):
+        if value is not None and not os.path.exists(os.path.expanduser(value)) and not is_hub_id(value):
+            raise ConfigError(key, f"no such file or directory: {value}; expected a local path or a Hugging Face "
+                                   f"hub id (org/name)")
 
 
 def _validate_data(d: DataConfig) -> None:

@@ -1,6 +1,7 @@
 """Hugging Face interop: ``to_hf`` / ``from_hf`` convert models, ``load_init_weights`` starts a run
-from HF weights on disk (``model.init_from=PATH``), and ``llmtrain-export RUN_DIR OUT_DIR`` turns a
-run's newest checkpoint into a directory ``AutoModelForCausalLM`` and ``AutoTokenizer`` load.
+from HF weights (``model.init_from=PATH|ID``), ``apply_from_hf`` takes a run's architecture from an
+HF config.json (``model.from_hf=PATH|ID``), and ``llmtrain-export RUN_DIR OUT_DIR`` turns a run's
+newest checkpoint into a directory ``AutoModelForCausalLM`` and ``AutoTokenizer`` load.
 
 Our parameter names mirror HF's, so LLaMA maps one to one (both use rotate-half RoPE). GPT-2 in
 HF keeps q/k/v fused in ``c_attn`` and stores every projection as ``Conv1D`` ([in, out]), so its
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
@@ -55,7 +57,7 @@ def hf_config(cfg: ModelConfig):
     )
 
 
-def _hf_rope(config) -> tuple[float, Optional[dict[str, Any]]]:
+def _hf_rope(config, key: str) -> tuple[float, Optional[dict[str, Any]]]:
     """(rope_theta, LLaMA-3.1 scaling or None) from a transformers v4 or v5 LlamaConfig."""
     params = getattr(config, "rope_parameters", None)
     if params is None:  # transformers < 5
@@ -66,20 +68,20 @@ def _hf_rope(config) -> tuple[float, Optional[dict[str, Any]]]:
     if rope_type == "default":
         return theta, None
     if rope_type != "llama3":
-        raise UserError("model.rope_scaling", f"rope_type {rope_type!r} is not supported (only default and llama3)")
+        raise ConfigError(key, f"rope_type {rope_type!r} is not supported (only default and llama3)")
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     return theta, {k: params[k] for k in keys}
 
 
-def model_config_from_hf(config) -> ModelConfig:
-    """Our ModelConfig for a ``transformers`` LlamaConfig or GPT2Config."""
+def model_config_from_hf(config, key: str = "model.init_from") -> ModelConfig:
+    """Our ModelConfig for a ``transformers`` LlamaConfig or GPT2Config; what does not map is an error on ``key``."""
     if config.model_type == "llama":
         if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-            raise UserError("model.init_from", "LLaMA checkpoints with attention or MLP biases are not supported")
+            raise ConfigError(key, "LLaMA checkpoints with attention or MLP biases are not supported")
         head_dim = getattr(config, "head_dim", None)
         if head_dim not in (None, config.hidden_size // config.num_attention_heads):
-            raise UserError("model.init_from", f"head_dim={head_dim} differs from hidden_size/num_heads; not supported")
-        theta, scaling = _hf_rope(config)
+            raise ConfigError(key, f"head_dim={head_dim} differs from hidden_size/num_heads; not supported")
+        theta, scaling = _hf_rope(config, key)
         return ModelConfig(
             name=getattr(config, "name_or_path", "") or "hf_llama", family="llama",
             n_layers=config.num_hidden_layers, d_model=config.hidden_size, n_heads=config.num_attention_heads,
@@ -90,9 +92,9 @@ def model_config_from_hf(config) -> ModelConfig:
         )
     if config.model_type == "gpt2":
         if config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise UserError("model.init_from", f"GPT-2 activation {config.activation_function!r} is not supported (gelu_new)")
+            raise ConfigError(key, f"GPT-2 activation {config.activation_function!r} is not supported (gelu_new)")
         if getattr(config, "scale_attn_by_inverse_layer_idx", False):
-            raise UserError("model.init_from", "scale_attn_by_inverse_layer_idx is not supported")
+            raise ConfigError(key, "scale_attn_by_inverse_layer_idx is not supported")
         return ModelConfig(
             name=getattr(config, "name_or_path", "") or "hf_gpt2", family="gpt",
             n_layers=config.n_layer, d_model=config.n_embd, n_heads=config.n_head, n_kv_heads=None,
@@ -100,7 +102,7 @@ def model_config_from_hf(config) -> ModelConfig:
             tie_embeddings=bool(getattr(config, "tie_word_embeddings", True)), norm_eps=config.layer_norm_epsilon,
             dropout=float(config.resid_pdrop), init_std=config.initializer_range,
         )
-    raise UserError("model.init_from", f"model_type {config.model_type!r} is not supported (llama, gpt2)")
+    raise ConfigError(key, f"model_type {config.model_type!r} is not supported (llama, gpt2)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,19 +265,80 @@ def _from_pretrained(cls, path: Path, blame: Path, **kwargs):
 
 
 _SHAPE_FIELDS = ("family", "n_layers", "d_model", "n_heads", "n_kv_heads", "vocab_size", "tie_embeddings")
+# What ``model.from_hf`` takes from config.json: the architecture. Dropout and init_std are training choices.
+ARCHITECTURE_FIELDS = ("family", "n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size",
+                       "max_seq_len", "rope_theta", "rope_scaling", "tie_embeddings", "norm_eps")
+# Weights of a hub model, safetensors first (no pickle, and often the only ones); consolidated/original
+# layouts beside them are not downloaded.
+_HUB_WEIGHTS = (["model*.safetensors", "model.safetensors.index.json"],
+                ["pytorch_model*.bin", "pytorch_model.bin.index.json"])
+
+
+def hf_folder(value: str, key: str, weights: bool) -> Path:
+    """The local folder behind ``model.from_hf`` / ``model.init_from``: the path itself, or for a hub id
+    the folder holding its config.json (and with ``weights`` its weights), from the hub or the HF cache."""
+    from llmtrain.data.hub import hub_download, hub_reachable, is_hub_id
+
+    path = Path(value).expanduser()
+    if path.exists() or not is_hub_id(value):
+        return path
+    if not weights:
+        return hub_download(value, key, filename="config.json").parent
+    for patterns in _HUB_WEIGHTS:
+        folder = hub_download(value, key, patterns=["config.json", "generation_config.json", *patterns])
+        if any((folder / name).is_file() for name in _HF_WEIGHTS):
+            return folder
+    where = "on the hub" if hub_reachable() else "in the local Hugging Face cache (the hub is unreachable)"
+    raise ConfigError(key, f"{value!r} has no weights llmtrain reads {where}: expected {', '.join(_HF_WEIGHTS)}")
+
+
+def apply_from_hf(model_cfg: ModelConfig, overrides: Sequence[str] = ()) -> None:
+    """Set ``model_cfg``'s architecture (and name) from its ``from_hf`` config.json, except the ``model.*``
+    keys that ``overrides`` (the command line's) set: those win."""
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    explicit = {k[len("model."):] for k in keys if k.startswith("model.")}
+    source = architecture_from_hf(model_cfg.from_hf)
+    for field in ARCHITECTURE_FIELDS + ("name",):
+        if field not in explicit:
+            setattr(model_cfg, field, getattr(source, field))
+
+
+def check_init_from(value: str) -> None:
+    """A hub id in ``model.init_from`` can be had (in the HF cache, or the hub reachable and holding it):
+    asked at start-up, so that a run fails in seconds rather than after preparing its data."""
+    from llmtrain.data.hub import is_hub_id
+
+    if is_hub_id(value):
+        hf_folder(value, "model.init_from", weights=False)
+
+
+def architecture_from_hf(value: str) -> ModelConfig:
+    """The ModelConfig of the Hugging Face folder or hub id ``value`` (reads config.json only); its
+    name is the hub id, or the folder's name."""
+    from transformers import AutoConfig
+
+    folder = hf_folder(value, "model.from_hf", weights=False)
+    if not (folder / "config.json").is_file():
+        raise ConfigError("model.from_hf", f"{folder} has no config.json; expected a Hugging Face model folder "
+                                           f"or a hub id (org/name)")
+    mcfg = model_config_from_hf(_from_pretrained(AutoConfig, folder, folder / "config.json"), "model.from_hf")
+    mcfg.name = value if not Path(value).expanduser().exists() else Path(value).expanduser().resolve().name
+    return mcfg
 
 
 def load_init_weights(model: DecoderLM, path: str | Path) -> None:
     """Copy the weights at ``path`` into ``model`` (``model.init_from``): a Hugging Face model
-    directory, or an llmtrain checkpoint (``step_N``) or run directory (its newest checkpoint); only
-    the weights are taken, so the run starts at step 0 with any optimizer.
+    directory or hub id (downloaded through huggingface_hub, or taken from its cache offline), or an
+    llmtrain checkpoint (``step_N``) or run directory (its newest checkpoint); only the weights are
+    taken, so the run starts at step 0 with any optimizer.
 
     Call it on the unwrapped, materialised model before sharding. The architecture must match the
     run's ``model`` config; a mismatch names the first differing field.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = Path(path)
+    source = str(path)  # what the user named: a hub id's weights lie in the HF cache
+    path = hf_folder(source, "model.init_from", weights=True)
     ckpt = _llmtrain_checkpoint(path)
     if ckpt is not None:
         return _load_checkpoint_weights(model, ckpt)
@@ -283,7 +346,7 @@ def load_init_weights(model: DecoderLM, path: str | Path) -> None:
         raise ConfigError("model.init_from", f"{path} is not a Hugging Face model directory (no config.json), "
                                              f"nor an llmtrain checkpoint or run directory")
     hf_cfg = model_config_from_hf(_from_pretrained(AutoConfig, path, path / "config.json"))
-    _check_same_shape(hf_cfg, model.cfg, path)
+    _check_same_shape(hf_cfg, model.cfg, source, hf=True)
     weights = next((path / name for name in _HF_WEIGHTS if (path / name).is_file()), path)
     hf = _from_pretrained(AutoModelForCausalLM, path, weights, dtype=torch.float32)
     sd = state_dict_from_hf({k: v.detach() for k, v in hf.state_dict().items()}, hf_cfg)
@@ -313,7 +376,7 @@ def _load_checkpoint_weights(model: DecoderLM, ckpt: Path) -> None:
         raise ConfigError("model.init_from", f"{ckpt}: its weights do not fit the model: {detail}") from None
 
 
-def _check_same_shape(source: ModelConfig, ours: ModelConfig, path: Path) -> None:
+def _check_same_shape(source: ModelConfig, ours: ModelConfig, path: str | Path, hf: bool = False) -> None:
     """The weights at ``path`` (architecture ``source``) fit the run's model; else name the first field."""
     pairs = {f: (getattr(source, f), getattr(ours, f)) for f in _SHAPE_FIELDS}
     pairs["n_kv_heads"] = (source.n_kv_heads or source.n_heads, ours.n_kv_heads or ours.n_heads)
@@ -324,8 +387,11 @@ def _check_same_shape(source: ModelConfig, ours: ModelConfig, path: Path) -> Non
         pairs["max_seq_len"] = (source.max_seq_len, ours.max_seq_len)
     for field, (theirs, mine) in pairs.items():
         if theirs != mine:
+            fix = f"set model.{field}={theirs}" + (" and data.pad_vocab_to_multiple_of=0 (padding grows the "
+                                                  "embedding)" if field == "vocab_size" else "")
             raise ConfigError("model.init_from", f"{path} has {field}={theirs} but model.{field}={mine}; "
-                                                 f"pick the matching model preset or set model.{field}={theirs}")
+                                                 f"pick the matching model preset, "
+                                                 f"{f'model.from_hf={path}, ' if hf else ''}or {fix}")
 
 
 # ---------------------------------------------------------------------------------------------

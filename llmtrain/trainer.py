@@ -100,6 +100,10 @@ class Trainer:
         seed_everything(t.seed)
 
         check_fits(cfg, env.world_size, env.strategy, env.device)  # before any data preparation or allocation
+        if cfg.model.init_from and not choice.candidates:  # a hub id that cannot be had fails now, not after the data
+            from llmtrain.export import check_init_from
+
+            check_init_from(cfg.model.init_from)
         self.data = build_data(cfg.data, seq_len=t.seq_len, seed=t.seed, rank=env.rank, world_size=env.world_size,
                                micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
                                evals=t.eval_every > 0)

@@ -5,7 +5,9 @@ from the extension when omitted: ``.txt`` (one document per file, or
 pieces split at ``doc_separator``), ``.jsonl`` / ``.json`` (one
 document per record, text under ``text_field``), ``.parquet`` / ``.arrow`` (one per row of the
 ``text_field`` column). ``type: hf`` streams a Hugging Face dataset by name (or a local dataset
-folder). ``path`` may be a file, a glob or a folder (every file of a known type inside it).
+folder). A folder written by ``datasets``' ``save_to_disk`` is ``type: hf_disk`` (inferred from its
+``state.json`` / ``dataset_dict.json``; ``split`` picks a DatasetDict's split). ``path`` may be a file,
+a glob or a folder (every file of a known type inside it).
 An empty ``data.sources`` means the Shakespeare default.
 """
 
@@ -21,7 +23,7 @@ from typing import Any, Iterator, Optional
 from llmtrain.errors import ConfigError, DataError, choices
 
 EXTENSIONS = {".txt": "txt", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
-TYPES = ("txt", "jsonl", "json", "parquet", "arrow", "hf", "shakespeare")
+TYPES = ("txt", "jsonl", "json", "parquet", "arrow", "hf", "hf_disk", "shakespeare")
 SOURCE_KEYS = ("path", "weight", "text_field", "type", "name", "split", "revision", "max_documents", "doc_separator")
 
 
@@ -34,7 +36,7 @@ class SourceSpec:
     weight: Optional[float] = None
     text_field: str = "text"
     name: Optional[str] = None           # hf: dataset config name
-    split: str = "train"                 # hf: which split to stream
+    split: str = "train"                 # hf, hf_disk: which split to stream
     revision: Optional[str] = None       # hf: pin a dataset revision
     max_documents: Optional[int] = None  # stop after this many documents (any type)
     doc_separator: Optional[str] = None  # txt: split each file into documents at this string
@@ -49,6 +51,8 @@ class SourceSpec:
         if self.type == "hf":
             fp.update(name=self.name, split=self.split, revision=self.revision)
         else:
+            if self.type == "hf_disk":
+                fp["split"] = self.split
             # size + mtime instead of a content hash: instant on huge corpora, and any edit changes one.
             fp["files"] = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in self.files]
         return fp
@@ -106,13 +110,29 @@ def resolve_sources(sources: list[Any]) -> list[SourceSpec]:
             split=str(entry.get("split") or "train"), revision=entry.get("revision"), max_documents=max_docs,
             doc_separator=entry.get("doc_separator") or None,
         )
-        if kind != "hf":
+        if kind in (None, "hf", "hf_disk") and is_saved_dataset(spec.path):
+            spec.type, spec.files = "hf_disk", _saved_files(spec.path)
+        elif kind == "hf_disk":
+            raise DataError(spec.path, "not a datasets save_to_disk folder (no state.json or dataset_dict.json)")
+        elif kind != "hf":
             spec.files = _files_for(spec.path, key, kind)
             if kind is None:
                 kinds = {EXTENSIONS[f.suffix.lower()] for f in spec.files}
                 spec.type = kinds.pop() if len(kinds) == 1 else "mixed"
         specs.append(spec)
     return specs
+
+
+def is_saved_dataset(path: str) -> bool:
+    """A folder ``datasets.save_to_disk`` wrote: a Dataset (state.json) or a DatasetDict (dataset_dict.json)."""
+    folder = Path(path).expanduser()
+    return (folder / "dataset_dict.json").is_file() or (
+        (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file())
+
+
+def _saved_files(path: str) -> list[Path]:
+    """Every file of a saved dataset (arrow and json): the fingerprint sees any rewrite."""
+    return sorted(f.resolve() for f in Path(path).expanduser().rglob("*") if f.is_file())
 
 
 def file_type(spec: SourceSpec, f: Path) -> str:
@@ -232,11 +252,33 @@ def _iter_hf(spec: SourceSpec) -> Iterator[str]:
         raise DataError(spec.path, f"cannot stream Hugging Face dataset ({first}); is the hub reachable?") from None
 
 
+def _iter_saved(spec: SourceSpec) -> Iterator[str]:
+    """Rows of a ``save_to_disk`` folder, memory-mapped by ``load_from_disk`` and read in batches."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(Path(spec.path).expanduser()))
+    except Exception as err:  # damaged arrow or json: one line naming the folder
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(spec.path, f"cannot load with datasets.load_from_disk ({first[:200]})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if spec.split not in ds:
+            raise DataError(spec.path, f"no split {spec.split!r} (splits: {', '.join(ds)}); set split on this source")
+        ds = ds[spec.split]
+    if spec.text_field not in ds.column_names:
+        raise DataError(spec.path, f"no column {spec.text_field!r} (columns: {', '.join(ds.column_names)}); "
+                                   f"set text_field")
+    rows = (text for batch in ds.select_columns([spec.text_field]).with_format(None).iter(batch_size=1024)
+            for text in batch[spec.text_field])
+    for idx, text in enumerate(rows):
+        yield _text_of({spec.text_field: text}, spec, f"{spec.path}[{idx}]")
+
+
 def iter_documents(spec: SourceSpec, utf8: BadUtf8) -> Iterator[str]:
     """Every document of a source, in a fixed order (files sorted, records in file order)."""
     def all_docs() -> Iterator[str]:
-        if spec.type == "hf":
-            yield from _iter_hf(spec)
+        if spec.type in ("hf", "hf_disk"):
+            yield from (_iter_hf if spec.type == "hf" else _iter_saved)(spec)
             return
         for f in spec.files:
             kind = file_type(spec, f)

@@ -28,5 +28,10 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     activation_checkpointing: str = "none"  # none | full | selective
-    init_from: Optional[str] = None         # path to a Hugging Face model directory
+    # Weights to start from (step 0, any optimizer): a Hugging Face model folder, a hub id (org/name;
+    # downloaded, or read from the local HF cache offline), or an llmtrain checkpoint or run directory.
+    init_from: Optional[str] = None
+    # Take the architecture (family, shapes, rope, norm eps, tie, vocab, context) from this Hugging Face
+    # folder's or hub id's config.json instead of the preset; model.KEY=VALUE on the command line still wins.
+    from_hf: Optional[str] = None
     extra: dict[str, Any] = field(default_factory=dict)
