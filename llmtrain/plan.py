@@ -183,6 +183,9 @@ def plan(cfg: RootConfig, world_size: Optional[int] = None) -> dict[str, Any]:
     if throughput["modelled_breakdown_per_step"]["step_s"] < SHORT_STEP_S:
         notes.append(f"a modelled step under {SHORT_STEP_S * 1e3:.0f} ms: kernel launches and Python overhead, which "
                      f"the model does not count, likely set the pace of a model this small")
+    budget, budget_note = token_budget(cfg)
+    if budget_note:
+        notes.append(budget_note)
     if layout.grad_accum_steps > 1 and strategy in ("zero2", "fsdp", "hsdp"):
         notes.append(f"{layout.grad_accum_steps} accumulation steps: FSDP keeps unsharded fp32 gradients between "
                      f"micro-batches (accumulated_gradients); a larger micro-batch avoids them")
@@ -218,8 +221,22 @@ def plan(cfg: RootConfig, world_size: Optional[int] = None) -> dict[str, Any]:
         "memory_verdict": verdict,
         "fits": verdict in ("fits", "tight"),
         "throughput": throughput,
+        "epochs": None if budget is None else budget["epochs"],
+        "token_budget": budget,
         "notes": notes,
     }
+
+
+def token_budget(cfg: RootConfig) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+    """Planned tokens against the training split (llmtrain/data/budget.py), and why it is unknown if so."""
+    from llmtrain.data.budget import corpus_size, epochs, planned_tokens, source_weights
+
+    size, why = corpus_size(cfg.data)
+    if size is None:
+        return None, why
+    t = cfg.train
+    return epochs(planned_tokens(t.max_steps, t.global_batch_size, t.seq_len), size,
+                  source_weights(list(cfg.data.sources))), None
 
 
 def _gib(n: float) -> str:
@@ -272,6 +289,12 @@ def format_plan(p: dict[str, Any]) -> str:
                                f"{_human(thr['tokens_per_s'])} tokens/s, "
                                f"{_human(thr['tokens_per_day'])} tokens/day; MFU {thr['mfu']:.0%} ({source})"))
     rows.append(("run", f"{thr['step_time_s']:.2f} s/step, {thr['run_days']:.2f} days for the configured max_steps"))
+    budget = p.get("token_budget")
+    if budget is not None and budget["epochs"] is not None:
+        how = "" if budget["train_split_tokens_source"] == "prepared" else " (estimated from data.sources[].tokens)"
+        rows.append(("data", f"{_human(budget['planned_tokens'])} tokens planned over a "
+                             f"{_human(budget['train_split_tokens'])}-token training split{how}: "
+                             f"{budget['epochs']:,.2f} epochs"))
     rows.extend(("note", n) for n in p["notes"])
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -279,11 +302,16 @@ def format_plan(p: dict[str, Any]) -> str:
 
 def run_dry_run(cfg: RootConfig, run_dir: str) -> dict[str, Any]:
     """Print the plan and write ``run_dir/plan.json``; allocates no model memory."""
+    from llmtrain.data.budget import epochs_warning
+
     p = plan(cfg)
     out = Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.json").write_text(json.dumps(p, indent=2) + "\n")
     print(format_plan(p))
+    warning = epochs_warning(p["token_budget"]) if p["token_budget"] else None
+    if warning:
+        print(warning, file=sys.stderr)
     print(f"plan written to {out / 'plan.json'}")
     return p
 

@@ -9,6 +9,7 @@ from typing import Optional
 import numpy as np
 from tokenizers import Tokenizer
 
+from llmtrain.data.budget import source_weights
 from llmtrain.data.config import DataConfig
 from llmtrain.data.loader import EpochOrder, PackedLoader, ValBatches, WindowIndex
 from llmtrain.data.prepare import cached_max_token_id, describe_tokenizer, load_meta, prepare
@@ -44,14 +45,6 @@ def _streams(folder: Path, meta: dict, split: str, dtype: np.dtype) -> list[Toke
                             f"metadata says {entry['tokens']}; delete {folder} to re-prepare")
         streams.append(stream)
     return streams
-
-
-def _weights(sources: list) -> Optional[list[float]]:
-    """None (natural shares) unless some source sets a weight; then unset weights count as 1."""
-    raw = [src.get("weight") if isinstance(src, dict) else None for src in sources]
-    if all(w is None for w in raw):
-        return None
-    return [1.0 if w is None else float(w) for w in raw]
 
 
 def _check_val_windows(index: WindowIndex, seq_len: int, val_fraction: float) -> None:
@@ -91,7 +84,7 @@ def build_data(
 
     train_index = WindowIndex(_streams(folder, meta, "train", dtype), seq_len)
     sources = list(data_cfg.sources)
-    weights = _weights(sources) if sources else None
+    weights = source_weights(sources) if sources else None
     if weights is not None:
         for src, count in zip(meta["sources"], train_index.counts.tolist()):
             if count == 0:

@@ -84,19 +84,8 @@ def prepare(cfg: DataConfig, progress: Optional[bool] = None, *, model_vocab_siz
     ConfigError as soon as the tokenizer is known, before any document is tokenized.
     """
     _check_settings(cfg)
-    specs = resolve_sources(list(cfg.sources))
-    external = None
-    if cfg.tokenizer == "bpe":
-        identity = f"bpe:{cfg.vocab_size}:{cfg.tokenizer_train_bytes}:{','.join(SPECIAL_TOKENS)}"
-    elif is_hub_name(cfg.tokenizer):
-        identity = f"hub:{cfg.tokenizer}"  # loaded only when building, so a cache hit needs no network
-    else:
-        external = load_external(cfg.tokenizer)
-        identity = external[2]
-    key = cache_key(cfg, specs, identity)
-    cache_dir = Path(cfg.cache_dir).expanduser()
-    stem = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', cfg.name)}-{key}"
-    final = cache_dir / stem
+    specs, external, key, final = _locate(cfg)
+    cache_dir, stem = final.parent, final.name
     if (final / "meta.json").is_file() and not _wrapped_ids(final):
         return _checked(final, cfg, model_vocab_size)
     try:
@@ -123,6 +112,30 @@ def prepare(cfg: DataConfig, progress: Optional[bool] = None, *, model_vocab_siz
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _locate(cfg: DataConfig) -> tuple[list[SourceSpec], Optional[tuple], str, Path]:
+    """The sources, the loaded external tokenizer (None for a BPE to train or a hub name), the cache
+    key and the folder the prepared data has or will have. Reads file sizes only, never the text."""
+    specs = resolve_sources(list(cfg.sources))
+    external = None
+    if cfg.tokenizer == "bpe":
+        identity = f"bpe:{cfg.vocab_size}:{cfg.tokenizer_train_bytes}:{','.join(SPECIAL_TOKENS)}"
+    elif is_hub_name(cfg.tokenizer):
+        identity = f"hub:{cfg.tokenizer}"  # loaded only when building, so a cache hit needs no network
+    else:
+        external = load_external(cfg.tokenizer)
+        identity = external[2]
+    key = cache_key(cfg, specs, identity)
+    stem = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', cfg.name)}-{key}"
+    return specs, external, key, Path(cfg.cache_dir).expanduser() / stem
+
+
+def prepared_folder(cfg: DataConfig) -> Optional[Path]:
+    """The folder ``prepare(cfg)`` would return, if it is already prepared; None otherwise."""
+    _check_settings(cfg)
+    folder = _locate(cfg)[3]
+    return folder if (folder / "meta.json").is_file() and not _wrapped_ids(folder) else None
 
 
 def cached_max_token_id(folder: Path, meta: dict) -> int:

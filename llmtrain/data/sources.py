@@ -24,7 +24,8 @@ from llmtrain.errors import ConfigError, DataError, choices
 
 EXTENSIONS = {".txt": "txt", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 TYPES = ("txt", "jsonl", "json", "parquet", "arrow", "hf", "hf_disk", "shakespeare")
-SOURCE_KEYS = ("path", "weight", "text_field", "type", "name", "split", "revision", "max_documents", "doc_separator")
+SOURCE_KEYS = ("path", "weight", "text_field", "type", "name", "split", "revision", "max_documents", "doc_separator",
+               "tokens")
 
 
 @dataclass
@@ -40,6 +41,8 @@ class SourceSpec:
     revision: Optional[str] = None       # hf: pin a dataset revision
     max_documents: Optional[int] = None  # stop after this many documents (any type)
     doc_separator: Optional[str] = None  # txt: split each file into documents at this string
+    tokens: Optional[float] = None       # the source's size in tokens as its dataset card states it (an estimate
+                                         # for planning before preparation; the prepared count replaces it)
     files: list[Path] = field(default_factory=list)
 
     def fingerprint(self) -> dict[str, Any]:
@@ -104,11 +107,14 @@ def resolve_sources(sources: list[Any]) -> list[SourceSpec]:
         max_docs = entry.get("max_documents")
         if max_docs is not None and (not isinstance(max_docs, int) or max_docs <= 0):
             raise ConfigError(f"{key}.max_documents", f"got {max_docs!r}, expected an integer > 0")
+        tokens = entry.get("tokens")
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, (int, float)) or tokens <= 0):
+            raise ConfigError(f"{key}.tokens", f"got {tokens!r}, expected the source's size in tokens (a number > 0)")
         spec = SourceSpec(
             path=str(entry["path"]), type=kind or "", weight=None if weight is None else float(weight),
             text_field=str(entry.get("text_field") or "text"), name=entry.get("name"),
             split=str(entry.get("split") or "train"), revision=entry.get("revision"), max_documents=max_docs,
-            doc_separator=entry.get("doc_separator") or None,
+            doc_separator=entry.get("doc_separator") or None, tokens=None if tokens is None else float(tokens),
         )
         if kind in (None, "hf", "hf_disk") and is_saved_dataset(spec.path):
             spec.type, spec.files = "hf_disk", _saved_files(spec.path)
@@ -237,7 +243,9 @@ def _iter_hf(spec: SourceSpec) -> Iterator[str]:
     from llmtrain.data.hub import hub_reachable
 
     if not Path(spec.path).expanduser().exists() and not hub_reachable():
-        raise DataError(spec.path, "cannot stream Hugging Face dataset: the hub is unreachable (offline?)")
+        raise DataError(spec.path, f"cannot stream this Hugging Face dataset: the hub is unreachable (offline?); "
+                        f"point data.sources at a local copy (parquet/jsonl files or a save_to_disk folder), "
+                        f"e.g. data.sources='[{{path: /data/{spec.path.split('/')[-1]}, text_field: {spec.text_field}}}]'")
     try:
         import datasets
 
