@@ -132,7 +132,8 @@ def _load_from_hub(name: str) -> tuple[Tokenizer, int, str]:
         raise DataError(
             "data.tokenizer",
             f"cannot load {name!r}: not a local tokenizer.json/folder and not loadable from the "
-            f"Hugging Face hub ({first[:200]})",
+            f"Hugging Face hub ({first[:200]}); point data.tokenizer=PATH at a local copy (a tokenizer.json or "
+            f"a folder holding one, e.g. from `hf download {name} --include 'tokenizer*' --local-dir DIR`)",
         ) from None
     backend = getattr(hf, "backend_tokenizer", None)
     if backend is None:
