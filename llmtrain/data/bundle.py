@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -13,7 +16,7 @@ from llmtrain.data.config import DataConfig
 from llmtrain.data.loader import EpochOrder, PackedLoader, ValBatches, WindowIndex
 from llmtrain.data.prepare import cached_max_token_id, describe_tokenizer, load_meta, prepare
 from llmtrain.data.shards import TokenStream
-from llmtrain.data.tokenizer import check_model_vocab
+from llmtrain.data.tokenizer import TextBytes, check_model_vocab
 from llmtrain.errors import ConfigError, DataError
 
 
@@ -44,6 +47,27 @@ def _streams(folder: Path, meta: dict, split: str, dtype: np.dtype) -> list[Toke
                             f"metadata says {entry['tokens']}; delete {folder} to re-prepare")
         streams.append(stream)
     return streams
+
+
+def _with_val_bytes(folder: Path, meta: dict, streams: list[TokenStream], tokenizer: Tokenizer, write: bool) -> dict:
+    """A cache prepared before meta.json counted bytes: count its val splits' bytes from their
+    tokens (small), and store them so the next run reads them. The train split stays uncounted."""
+    missing = [i for i, src in enumerate(meta["sources"]) if "bytes" not in src["splits"]["val"]]
+    if not missing:
+        return meta
+    count = TextBytes(tokenizer, meta["eos_id"])
+    for i in missing:
+        meta["sources"][i]["splits"]["val"]["bytes"] = sum(count(np.asarray(m)) for m in streams[i].maps)
+    if write:
+        tmp = folder / f".meta.json.{socket.gethostname()}.{os.getpid()}.tmp"
+        try:
+            tmp.write_text(json.dumps(meta, indent=1))
+            os.replace(tmp, folder / "meta.json")  # atomic: a reader sees the old or the new file
+        except OSError:
+            pass  # a read-only cache: counted again by the next run
+        finally:
+            tmp.unlink(missing_ok=True)
+    return meta
 
 
 def _weights(sources: list) -> Optional[list[float]]:
@@ -106,7 +130,9 @@ def build_data(
         train_index, order, seed=data_seed, rank=rank, world_size=world_size,
         micro_batch_size=micro_batch_size, global_batch_size=global_batch_size, num_workers=data_cfg.num_workers,
     )
-    val_index = WindowIndex(_streams(folder, meta, "val", dtype), seq_len)
+    val_streams = _streams(folder, meta, "val", dtype)
+    meta = _with_val_bytes(folder, meta, val_streams, tokenizer, write=rank == 0)
+    val_index = WindowIndex(val_streams, seq_len)
     if evals and data_cfg.val_fraction > 0:
         _check_val_windows(val_index, seq_len, data_cfg.val_fraction)
     val = ValBatches(val_index, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size, seq_len=seq_len)

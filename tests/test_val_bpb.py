@@ -1,0 +1,111 @@
+"""Validation bits per byte: byte counts in meta.json, val_bpb in metrics, summary, plot and report."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from llmtrain.data import DataConfig, build_data
+from llmtrain.data.prepare import load_meta, prepare
+from llmtrain.data.shards import TokenStream
+from llmtrain.data.tokenizer import eos_id_of, train_bpe
+
+
+def gpt2_byte_decoder() -> dict[str, int]:
+    """GPT-2's bytes_to_unicode, inverted: an oracle for the bytes a byte-level token stands for."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def token_bytes(tok: Tokenizer, ids, eos_id: int) -> bytes:
+    decoder = gpt2_byte_decoder()
+    return b"".join(bytes(decoder[ch] for ch in tok.id_to_token(i)) for i in ids if i != eos_id)
+
+
+def data_cfg(tmp_path: Path, sources, **kw) -> DataConfig:
+    base = dict(name="bpb", sources=sources, vocab_size=300, cache_dir=str(tmp_path / "cache"),
+                num_proc=1, progress=False, val_fraction=0.25)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def split_ids(folder: Path, meta: dict, source: int, split: str) -> np.ndarray:
+    entry = meta["sources"][source]["splits"][split]
+    stream = TokenStream(folder, entry["shards"], np.dtype(meta["dtype"]))
+    return np.asarray(stream.read(0, stream.total)) if stream.total else np.zeros(0, dtype=np.int64)
+
+
+# --- data side ---------------------------------------------------------------------------------
+
+DOCS = ["naïve café", "日本語のテキスト", "plain ascii text", "emoji 🙂 ok"]
+
+
+def test_meta_counts_the_utf8_bytes_routed_to_each_split(tmp_path):
+    # val_fraction 0.25 of 4 documents: document 0 goes to validation (ceil(1·0.25) > ceil(0)).
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS), encoding="utf-8")
+    folder = prepare(data_cfg(tmp_path, [{"path": str(path)}]))
+    meta = load_meta(folder)
+    splits = meta["sources"][0]["splits"]
+    # naïve café: 10 characters, ï and é 2 bytes each; 日本語のテキスト 8 x 3; ascii 16; emoji 6 + 4 + 3.
+    assert splits["val"]["bytes"] == 12
+    assert splits["train"]["bytes"] == 24 + 16 + 13
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    # EOS after each document is a token of no bytes.
+    assert splits["val"]["tokens"] == len(tok.encode(DOCS[0]).ids) + 1
+    assert splits["train"]["tokens"] == sum(len(tok.encode(d).ids) + 1 for d in DOCS[1:])
+
+
+def test_single_document_tail_bytes_are_exact_when_the_cut_splits_a_character(tmp_path):
+    text = "".join("日本語のテキストと漢字かな交じり文 "[i % 17] for i in range(200))
+    tok = train_bpe([text], 300)
+    eos = eos_id_of(tok, "test")
+    tok_path = tmp_path / "tokenizer.json"
+    tok.save(str(tok_path))
+    ids = tok.encode(text).ids + [eos]
+    # A fraction whose held-out tail starts inside a character: decoding it would count U+FFFD.
+    fraction = next(f for f in np.arange(0.05, 0.5, 0.01)
+                    if tok.decode(ids[-max(1, math.ceil(len(ids) * f)):]).startswith("\ufffd"))
+    (tmp_path / "one.txt").write_text(text, encoding="utf-8")
+    folder = prepare(data_cfg(tmp_path, [{"path": str(tmp_path / "one.txt")}], tokenizer=str(tok_path),
+                              val_fraction=float(fraction)))
+    meta = load_meta(folder)
+    splits = meta["sources"][0]["splits"]
+    tail = split_ids(folder, meta, 0, "val").tolist()
+    head = split_ids(folder, meta, 0, "train").tolist()
+    assert head + tail == ids
+    total = len(text.encode("utf-8"))
+    head_bytes = token_bytes(tok, head, eos)
+    assert text.encode("utf-8").startswith(head_bytes)
+    assert splits["val"]["bytes"] == total - len(head_bytes) == len(token_bytes(tok, tail, eos))
+    assert splits["train"]["bytes"] + splits["val"]["bytes"] == total
+    assert len(tok.decode(tail).encode("utf-8")) != splits["val"]["bytes"]  # the case decoding gets wrong
+
+
+def test_a_cache_without_byte_counts_gets_them_on_load_and_keeps_them(tmp_path, corpus):
+    cfg = data_cfg(tmp_path, [{"path": str(corpus)}], vocab_size=384, val_fraction=0.1)
+    folder = prepare(cfg)
+    meta = load_meta(folder)
+    counted = [s["splits"]["val"]["bytes"] for s in meta["sources"]]
+    for src in meta["sources"]:
+        for split in src["splits"].values():
+            del split["bytes"]
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+    bundle = build_data(cfg, seq_len=32, seed=0, rank=0, world_size=1, micro_batch_size=4, global_batch_size=4)
+    assert [s["splits"]["val"]["bytes"] for s in bundle.meta["sources"]] == counted
+    stored = load_meta(folder)
+    assert [s["splits"]["val"]["bytes"] for s in stored["sources"]] == counted
+    assert "bytes" not in stored["sources"][0]["splits"]["train"]  # the train split is not decoded on load
+    assert not list(folder.glob(".meta.json.*"))
