@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import json
 import math
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
+from llmtrain.cli import compose
 from llmtrain.data import DataConfig, build_data
+from llmtrain.data.loader import ValBatches
 from llmtrain.data.prepare import load_meta, prepare
 from llmtrain.data.shards import TokenStream
 from llmtrain.data.tokenizer import eos_id_of, train_bpe
+from llmtrain.trainer import Trainer
+
+from conftest import REPO, tiny_overrides, torchrun_env
+
+LN2 = math.log(2)
 
 
 def gpt2_byte_decoder() -> dict[str, int]:
@@ -109,3 +119,77 @@ def test_a_cache_without_byte_counts_gets_them_on_load_and_keeps_them(tmp_path, 
     assert [s["splits"]["val"]["bytes"] for s in stored["sources"]] == counted
     assert "bytes" not in stored["sources"][0]["splits"]["train"]  # the train split is not decoded on load
     assert not list(folder.glob(".meta.json.*"))
+
+
+def test_mixture_weights_each_source_by_the_windows_evaluated(tmp_path):
+    ascii_docs = ["the quick brown fox jumps over the lazy dog " * 6 for _ in range(8)]
+    cjk_docs = ["日本語のテキストと漢字かな交じり文です。" * 6 for _ in range(8)]
+    paths = []
+    for name, docs in (("a", ascii_docs), ("b", cjk_docs)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+        paths.append({"path": str(path)})
+    cfg = data_cfg(tmp_path, paths, val_fraction=0.5)
+    bundle = build_data(cfg, seq_len=8, seed=0, rank=0, world_size=2, micro_batch_size=3, global_batch_size=6)
+    index = bundle.val.index
+    seen: list[int] = []
+    read = index.read
+    index.read = lambda window_ids: (seen.extend(window_ids.tolist()), read(window_ids))[1]
+    for rank in (0, 1):
+        ValBatches(index, rank=rank, world_size=2, micro_batch_size=3, seq_len=8)(5)
+    windows = bundle.val.windows_per_source(5)
+    sources = np.searchsorted(index.offsets, np.asarray(seen), side="right") - 1
+    assert windows.tolist() == np.bincount(sources, minlength=2).tolist() and windows.sum() == 30
+    assert min(windows) > 0
+    t = [s["splits"]["val"]["tokens"] for s in bundle.meta["sources"]]
+    b = [s["splits"]["val"]["bytes"] for s in bundle.meta["sources"]]
+    expected = windows.sum() / sum(w * bi / ti for w, ti, bi in zip(windows, t, b))
+    assert bundle.val_tokens_per_byte(5) == pytest.approx(expected, rel=1e-12)
+    assert min(ti / bi for ti, bi in zip(t, b)) < expected < max(ti / bi for ti, bi in zip(t, b))
+    assert bundle.val_bpb(2.0, 5) == pytest.approx(2.0 / LN2 * expected, rel=1e-12)
+
+
+# --- eval side ---------------------------------------------------------------------------------
+
+def test_val_bpb_in_metrics_and_summary(corpus, data_cache, tmp_path):
+    run = tmp_path / "run"
+    trainer = Trainer(compose(tiny_overrides(corpus, data_cache, run)), run)
+    (src,) = trainer.data.meta["sources"]
+    tokens, nbytes = src["splits"]["val"]["tokens"], src["splits"]["val"]["bytes"]
+    # The default corpus is one document: train + val bytes are the file's, the tail's from its tokens.
+    assert src["splits"]["train"]["bytes"] + nbytes == len(corpus.read_bytes())
+    folder, meta = trainer.data.folder, trainer.data.meta
+    assert nbytes == len(token_bytes(trainer.data.tokenizer, split_ids(folder, meta, 0, "val").tolist(), meta["eos_id"]))
+    summary = trainer.fit()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in evals] == [5, 10]
+    for r in evals:
+        assert r["val_bpb"] == pytest.approx(r["val_loss"] / LN2 * tokens / nbytes, rel=1e-12)
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk["final_val_bpb"] == evals[-1]["val_bpb"] == summary["final_val_bpb"]
+    assert on_disk["best_val_bpb"] == min(r["val_bpb"] for r in evals)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_log_val_bpb(corpus, data_cache, tmp_path, strategy):
+    run = tmp_path / "run"
+    args = tiny_overrides(corpus, data_cache, run, **{"train.micro_batch_size": 2, "train.max_steps": 4,
+                                                      "train.eval_every": 2, "distributed.strategy": strategy})
+    prepare(compose(args).data)  # once, before two ranks share the cache
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "llmtrain",
+           *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=torchrun_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    meta = load_meta(prepare(compose(args).data))
+    val = meta["sources"][0]["splits"]["val"]
+    evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+        assert r["val_bpb"] == pytest.approx(r["val_loss"] / LN2 * val["tokens"] / val["bytes"], rel=1e-12)
+    assert json.loads((run / "summary.json").read_text())["final_val_bpb"] == evals[-1]["val_bpb"]

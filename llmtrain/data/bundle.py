@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -31,10 +32,32 @@ class DataBundle:
     folder: Path
     meta: dict
     max_token_id: int   # the largest id the tokenizer emits (ids can have gaps)
+    _per_byte: dict = field(default_factory=dict, repr=False)
 
     def val_batches(self, n: int) -> list:
         """n validation micro-batches for this rank, identical on every call."""
         return self.val(n)
+
+    def val_tokens_per_byte(self, n: int) -> Optional[float]:
+        """Tokens (EOS included) per UTF-8 byte of the validation text that ``n`` eval micro-batches
+        per rank cover; None when a source's bytes are unknown.
+
+        Each source's whole val split gives its ratio, and sources count by how many of the
+        evaluated windows they supply (ValBatches samples windows of all sources alike), so the
+        loss times this ratio is total nats over the bytes those windows stand for.
+        """
+        if n not in self._per_byte:
+            windows = self.val.windows_per_source(n).tolist()
+            used = [(w, src["splits"]["val"]) for w, src in zip(windows, self.meta["sources"]) if w]
+            known = used and all(split.get("bytes") and split.get("tokens") for _, split in used)
+            self._per_byte[n] = sum(w for w, _ in used) / sum(w * s["bytes"] / s["tokens"] for w, s in used) \
+                if known else None
+        return self._per_byte[n]
+
+    def val_bpb(self, val_loss: float, n: int) -> Optional[float]:
+        """Bits per byte from a mean val loss in nats per token over ``n`` eval micro-batches per rank."""
+        per_byte = self.val_tokens_per_byte(n)
+        return None if per_byte is None else val_loss / math.log(2) * per_byte
 
 
 def _streams(folder: Path, meta: dict, split: str, dtype: np.dtype) -> list[TokenStream]:
