@@ -7,6 +7,7 @@ import math
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ from llmtrain.data.loader import ValBatches
 from llmtrain.data.prepare import load_meta, prepare
 from llmtrain.data.shards import TokenStream
 from llmtrain.data.tokenizer import eos_id_of, train_bpe
+from llmtrain.config import LoggerConfig, WandbConfig
+from llmtrain.logging import RunLogger, loss_figure
 from llmtrain.trainer import Trainer
 
 from conftest import REPO, tiny_overrides, torchrun_env
@@ -151,7 +154,7 @@ def test_mixture_weights_each_source_by_the_windows_evaluated(tmp_path):
 
 # --- eval side ---------------------------------------------------------------------------------
 
-def test_val_bpb_in_metrics_and_summary(corpus, data_cache, tmp_path):
+def test_val_bpb_in_metrics_summary_and_console(corpus, data_cache, tmp_path, capsys):
     run = tmp_path / "run"
     trainer = Trainer(compose(tiny_overrides(corpus, data_cache, run)), run)
     (src,) = trainer.data.meta["sources"]
@@ -169,6 +172,37 @@ def test_val_bpb_in_metrics_and_summary(corpus, data_cache, tmp_path):
     on_disk = json.loads((run / "summary.json").read_text())
     assert on_disk["final_val_bpb"] == evals[-1]["val_bpb"] == summary["final_val_bpb"]
     assert on_disk["best_val_bpb"] == min(r["val_bpb"] for r in evals)
+    out = capsys.readouterr().out
+    assert f"step 10: val_loss {evals[-1]['val_loss']:.4f} | val_bpb {evals[-1]['val_bpb']:.4f}" in out
+
+
+def test_loss_plot_has_a_bits_per_byte_axis():
+    train = [{"step": s, "tokens": 100 * s, "loss": 5.0 - 0.1 * s} for s in range(1, 5)]
+    evals = [{"step": 2, "tokens": 200, "val_loss": 4.0, "val_bpb": 1.5},
+             {"step": 3, "tokens": 300, "val_loss": 3.9},  # a row logged before val_bpb existed
+             {"step": 4, "tokens": 400, "val_loss": 3.5, "val_bpb": 1.25}]
+    fig = loss_figure(train, evals, "run")
+    right = [ax for ax in fig.axes if ax.get_ylabel() == "val bits per byte"]
+    assert len(right) == 2  # against steps and against tokens
+    (line,) = right[0].get_lines()
+    assert list(line.get_xdata()) == [2, 4] and list(line.get_ydata()) == [1.5, 1.25]
+    assert "val bpb" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    fig.clf()
+
+
+def test_val_bpb_goes_to_wandb_rows_and_summary(tmp_path, monkeypatch):
+    logged, summary = [], {}
+    fake = types.ModuleType("wandb")
+    fake.Settings = dict
+    fake.init = lambda **kw: types.SimpleNamespace(id="x", summary=summary, finish=lambda: None,
+                                                   log=lambda row, step=None: logged.append((step, row)))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = LoggerConfig(wandb=WandbConfig(mode="offline"), plot=False)
+    log = RunLogger(tmp_path, cfg, {}, enabled=True, total_steps=2, start_step=0, progress=False)
+    log.log_eval({"step": 2, "tokens": 64, "time_s": 1.0, "val_loss": 3.0, "val_bpb": 1.25})
+    log.close({"final_val_bpb": 1.25, "best_val_bpb": 1.25})
+    assert logged == [(2, {"tokens": 64, "time_s": 1.0, "val_loss": 3.0, "val_bpb": 1.25})]
+    assert summary == {"final_val_bpb": 1.25, "best_val_bpb": 1.25}
 
 
 @pytest.mark.dist
