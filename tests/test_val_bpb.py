@@ -22,6 +22,7 @@ from llmtrain.data.shards import TokenStream
 from llmtrain.data.tokenizer import eos_id_of, train_bpe
 from llmtrain.config import LoggerConfig, WandbConfig
 from llmtrain.logging import RunLogger, loss_figure
+from llmtrain.report import main as report_main
 from llmtrain.trainer import Trainer
 
 from conftest import REPO, tiny_overrides, torchrun_env
@@ -203,6 +204,27 @@ def test_val_bpb_goes_to_wandb_rows_and_summary(tmp_path, monkeypatch):
     log.close({"final_val_bpb": 1.25, "best_val_bpb": 1.25})
     assert logged == [(2, {"tokens": 64, "time_s": 1.0, "val_loss": 3.0, "val_bpb": 1.25})]
     assert summary == {"final_val_bpb": 1.25, "best_val_bpb": 1.25}
+
+
+def test_report_tables_show_final_val_bpb(tmp_path):
+    sweep = tmp_path / "sweep"
+    for job, (optim, bpbs) in enumerate((("adamw", [2.0, 1.5]), ("lion", [1.9, 1.25]))):
+        path = sweep / str(job)
+        path.mkdir(parents=True)
+        (path / "config.yaml").write_text(json.dumps({"optim": {"name": optim, "lr": 1e-3}}))
+        rows = [{"step": 10 * i, "tokens": 1000 * i, "time_s": 2.0 * i, "val_loss": b * LN2 * 1.2, "val_bpb": b}
+                for i, b in enumerate(bpbs, 1)]
+        (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (path / "summary.json").write_text(json.dumps({"status": "completed", "optimizer": optim}))
+    assert report_main([str(sweep)]) == 0
+    text = (sweep / "report.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| optimizer |"))
+    columns = [c.strip() for c in header.split("|")[1:-1]]
+    assert columns[columns.index("final val loss") + 1] == "final val bpb"
+    lion = next(line for line in text.splitlines() if line.startswith("| lion |"))
+    assert [c.strip() for c in lion.split("|")[1:-1]][columns.index("final val bpb")] == "1.2500"
+    all_runs = text.split("## All runs")[1]
+    assert "final val bpb" in all_runs and "| 1.5000 |" in all_runs
 
 
 @pytest.mark.dist
