@@ -211,6 +211,37 @@ class ProgressBar:
             self.bar.close()
 
 
+def loss_figure(train_rows: Sequence[dict[str, Any]], eval_rows: Sequence[dict[str, Any]], title: str):
+    """loss.png's figure: train and val loss against steps and tokens, val bits per byte on a
+    second y axis (it compares across tokenizers, the loss does not)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, x in zip(axes, ("step", "tokens")):
+        if train_rows:
+            ax.plot([r[x] for r in train_rows], [r["loss"] for r in train_rows], label="train", lw=1)
+        if eval_rows:
+            ax.plot([r[x] for r in eval_rows], [r["val_loss"] for r in eval_rows], "o-", label="val")
+        ax.set_xlabel(x)
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        handles, labels = ax.get_legend_handles_labels()
+        bpb = [(r[x], r["val_bpb"]) for r in eval_rows if isinstance(r.get("val_bpb"), (int, float))]
+        if bpb:  # rows of a run resumed from before val_bpb existed have none
+            right = ax.twinx()
+            right.plot([p[0] for p in bpb], [p[1] for p in bpb], "s--", color="tab:green", label="val bpb")
+            right.set_ylabel("val bits per byte")
+            more_handles, more_labels = right.get_legend_handles_labels()
+            handles, labels = handles + more_handles, labels + more_labels
+        ax.legend(handles, labels)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 class RunLogger:
     def __init__(self, run_dir: Path, logger_cfg, config: dict, *, enabled: bool, total_steps: int,
                  start_step: int, progress: bool, wandb_run_id: Optional[str] = None):
@@ -268,7 +299,9 @@ class RunLogger:
             return
         self.eval_rows.append(row)
         self._append(row)
-        self.bar.write(f"step {row['step']}: val_loss {row['val_loss']:.4f}")
+        bpb = row.get("val_bpb")
+        extra = "" if bpb is None else f" | val_bpb {bpb:.4f}"
+        self.bar.write(f"step {row['step']}: val_loss {row['val_loss']:.4f}{extra}")
         if self.plot:
             self.write_plot()
 
@@ -277,23 +310,9 @@ class RunLogger:
             self.bar.write(text)
 
     def write_plot(self) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for ax, x in zip(axes, ("step", "tokens")):
-            if self.train_rows:
-                ax.plot([r[x] for r in self.train_rows], [r["loss"] for r in self.train_rows], label="train", lw=1)
-            if self.eval_rows:
-                ax.plot([r[x] for r in self.eval_rows], [r["val_loss"] for r in self.eval_rows], "o-", label="val")
-            ax.set_xlabel(x)
-            ax.set_ylabel("loss")
-            ax.grid(alpha=0.3)
-            ax.legend()
-        fig.suptitle(self.run_dir.name)
-        fig.tight_layout()
+        fig = loss_figure(self.train_rows, self.eval_rows, self.run_dir.name)
         tmp = self.run_dir / ".loss.png.tmp"
         fig.savefig(tmp, format="png", dpi=100)
         plt.close(fig)

@@ -10,6 +10,8 @@ wall-clock time; memory and throughput alongside.
 Definitions used throughout (also printed in the report):
 
 - final val loss: the last finite eval ``val_loss`` in metrics.jsonl (else summary.json's).
+- final val bpb: that eval's ``val_bpb``, bits per UTF-8 byte of validation text (else
+  summary.json's ``final_val_bpb``); unlike the loss it compares runs with different tokenizers.
 - best lr: per optimizer, the usable run with the lowest final val loss (``--select best`` uses
   the lowest val loss seen at any eval instead).
 - tokens to target: the first point where the val-loss curve reaches the target, interpolated
@@ -87,6 +89,15 @@ class Run:
         if finite:
             return finite[-1]
         value = _num((self.summary or {}).get("final_val_loss"))
+        return value if _finite(value) else None
+
+    def final_val_bpb(self) -> Optional[float]:
+        """The bits per byte of the eval that gives ``final_val_loss`` (older runs log none)."""
+        finite = [e for e in self.evals if _finite(e.get("val_loss"))]
+        if finite:
+            value = finite[-1].get("val_bpb")
+        else:
+            value = _num((self.summary or {}).get("final_val_bpb"))
         return value if _finite(value) else None
 
     def best_val_loss(self) -> Optional[float]:
@@ -382,6 +393,7 @@ class Row:
     lrs_tried: int
     lrs_usable: int
     final_val_loss: Optional[float]
+    final_val_bpb: Optional[float]
     best_val_loss: Optional[float]
     tokens_to_target: Optional[float]
     time_to_target: Optional[float]
@@ -430,7 +442,7 @@ def comparison_rows(runs: Sequence[Run], best: Mapping[str, Run], target: Option
         rows.append(Row(
             optimizer=name, run=run,
             lrs_tried=len({r.lr for r in group}), lrs_usable=len({r.lr for r in usable}),
-            final_val_loss=run.final_val_loss(), best_val_loss=run.best_val_loss(),
+            final_val_loss=run.final_val_loss(), final_val_bpb=run.final_val_bpb(), best_val_loss=run.best_val_loss(),
             tokens_to_target=tokens_to_target(run.evals, target) if target is not None else None,
             time_to_target=tokens_to_target(run.evals, target, key="time_s") if target is not None else None,
             speedup_tokens=None, speedup_time=None,
@@ -497,7 +509,7 @@ def _fmt(value: Optional[float], kind: str = "g") -> str:
     return f"{value:.3g}"
 
 
-TABLE_HEADER = ("optimizer", "best lr", "lrs ok/tried", "final val loss", "best val loss",
+TABLE_HEADER = ("optimizer", "best lr", "lrs ok/tried", "final val loss", "final val bpb", "best val loss",
                 "tokens to target", "speed-up vs {b} (tokens)", "time to target",
                 "speed-up vs {b} (time)", "tokens/s", "peak memory", "opt. state bytes/param", "params")
 
@@ -505,7 +517,7 @@ TABLE_HEADER = ("optimizer", "best lr", "lrs ok/tried", "final val loss", "best 
 def table_cells(row: Row) -> list[str]:
     return [
         row.optimizer, _fmt(row.run.lr, "lr"), f"{row.lrs_usable}/{row.lrs_tried}",
-        _fmt(row.final_val_loss, "loss"), _fmt(row.best_val_loss, "loss"),
+        _fmt(row.final_val_loss, "loss"), _fmt(row.final_val_bpb, "loss"), _fmt(row.best_val_loss, "loss"),
         _fmt(row.tokens_to_target, "count"), _fmt(row.speedup_tokens, "x"),
         _fmt(row.time_to_target, "s"), _fmt(row.speedup_time, "x"),
         _fmt(row.tokens_per_s, "count"), _fmt(row.peak_mem_bytes, "bytes"),
@@ -701,6 +713,8 @@ def render_markdown(report: Report, out_dir: Path) -> str:
         "- **tokens / time to target**: first crossing of the target by the val-loss curve, linearly "
         "interpolated between the two bracketing evals; `n/a` = never reached. Time is training "
         "wall-clock excluding evals.",
+        "- **val bpb**: validation bits per UTF-8 byte, val loss / ln 2 x tokens per byte of the validation "
+        "text (EOS counted as a token of no bytes); unlike the loss it compares runs with different tokenizers.",
         f"- **speed-up**: {b}'s tokens (time) to target / this optimizer's; above 1 means it needs fewer "
         f"tokens (less time) than {b}." + ("" if any(r.optimizer == b for r in report.rows)
                                            else f" No usable `{b}` run in this sweep, so no speed-ups."),
@@ -733,9 +747,10 @@ def render_markdown(report: Report, out_dir: Path) -> str:
         lines.append("None.")
     lines += ["", "## All runs", ""]
     lines.append(_md_table(
-        ("run", "optimizer", "lr", "status", "final val loss", "best val loss", "tokens", "wall time", "notes"),
+        ("run", "optimizer", "lr", "status", "final val loss", "final val bpb", "best val loss", "tokens",
+         "wall time", "notes"),
         [(r.name, r.optimizer, _fmt(r.lr, "lr"), report.statuses[r.name][0], _fmt(r.final_val_loss(), "loss"),
-          _fmt(r.best_val_loss(), "loss"),
+          _fmt(r.final_val_bpb(), "loss"), _fmt(r.best_val_loss(), "loss"),
           _fmt(r.stat("tokens") or (r.train[-1].get("tokens") if r.train else None), "count"),
           _fmt(r.stat("wall_time_s"), "s"), "; ".join(r.problems))
          for r in report.runs]))
@@ -787,6 +802,7 @@ def log_to_wandb(report: Report, mode: str, group: Optional[str] = None) -> None
     run.log(data)
     for row in report.rows:
         run.summary[f"{row.optimizer}/final_val_loss"] = row.final_val_loss
+        run.summary[f"{row.optimizer}/final_val_bpb"] = row.final_val_bpb
         run.summary[f"{row.optimizer}/best_lr"] = row.run.lr
         run.summary[f"{row.optimizer}/speedup_tokens"] = row.speedup_tokens
     run.finish()

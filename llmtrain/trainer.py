@@ -441,11 +441,15 @@ class Trainer:
         return row
 
     def _eval_row(self) -> dict[str, Any]:
-        return {"step": self.step, "tokens": self.tokens, "time_s": self.elapsed, "val_loss": self.evaluate()}
+        # no collective for bpb: the loss is already reduced, and every rank computes the same ratio
+        loss = self.evaluate()
+        return {"step": self.step, "tokens": self.tokens, "time_s": self.elapsed, "val_loss": loss,
+                "val_bpb": self.data.val_bpb(loss, self.cfg.train.eval_steps)}
 
     def _summary(self, status: str, reason: str, last: dict[str, Any]) -> dict[str, Any]:
         m = self.cfg.model
         vals = [r["val_loss"] for r in self.log.eval_rows if math.isfinite(r["val_loss"])]
+        bpbs = [b for r in self.log.eval_rows if isinstance(b := r.get("val_bpb"), float) and math.isfinite(b)]
         tokens_per_s = self.tokens / self.elapsed if self.elapsed > 0 else 0.0
         flops_per_token = 6 * self.params + 12 * m.n_layers * m.d_model * self.cfg.train.seq_len
         peak = peak_flops(self.env.device)  # None (mfu: null) on CPU and unknown GPUs
@@ -455,6 +459,8 @@ class Trainer:
             "steps": self.step, "tokens": self.tokens, "final_loss": last.get("loss"),
             "final_val_loss": self.log.eval_rows[-1]["val_loss"] if self.log.eval_rows else None,
             "best_val_loss": min(vals) if vals else None, "params": self.params,
+            "final_val_bpb": self.log.eval_rows[-1].get("val_bpb") if self.log.eval_rows else None,
+            "best_val_bpb": min(bpbs) if bpbs else None, "epochs_planned": self.token_budget["epochs"],
             "optimizer_state_bytes": opt_bytes, "optimizer_state_bytes_per_param": opt_bytes / max(1, self.params),
             "tokens_per_s": tokens_per_s, "peak_mem_bytes": peak_memory_bytes(self.env.device),
             "wall_time_s": self.elapsed, "nonfinite_steps": self.nonfinite_total,

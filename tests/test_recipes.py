@@ -190,8 +190,13 @@ def test_recipe_trains_evaluates_and_resumes_on_local_copies(name, tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in evals] == [2, 4] and all(math.isfinite(r["val_loss"]) for r in evals)
+    assert all(0 < r["val_bpb"] < r["val_loss"] for r in evals)  # a few bytes a token: fewer bits per byte than nats
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["status"] == "completed"
+    assert summary["final_val_bpb"] == evals[-1]["val_bpb"]
+    assert summary["epochs_planned"] == pytest.approx(4 * 4 * 32 / sum(
+        s["splits"]["train"]["tokens"] for s in json.loads(next((tmp_path / "cache").glob("*/meta.json")).read_text())[
+            "sources"]))
     expected_vocab = -(-vocab // 64) * 64 if RECIPES[name]["pad"] else vocab
     assert json.loads(json.dumps(__import__("yaml").safe_load((run / "config.yaml").read_text())))["model"][
         "vocab_size"] == expected_vocab

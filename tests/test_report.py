@@ -232,9 +232,10 @@ def test_report_end_to_end_on_a_sweep_with_bad_runs(sweep, capsys):
     # target = worst best-final = adamw's 3.0; adamw reaches it at 4000 tokens (8 s), lion at 3000 (6 s).
     assert "**target loss**: 3.0000" in text
     assert "Setup (processes x strategy, precision): 1 x none, float32." in text
-    assert rows["adamw"][:8] == ["adamw", "0.001", "2/2", "3.0000", "3.0000", "4k", "1.00x", "8.0 s"]
-    assert rows["lion"][:9] == ["lion", "0.0001", "1/2", "2.9000", "2.9000", "3k", "1.33x", "6.0 s", "1.33x"]
-    assert rows["lion"][9:] == ["400", "2.00 MiB", "4", "1k"]
+    # final val bpb n/a: these synthetic runs log no val_bpb
+    assert rows["adamw"][:9] == ["adamw", "0.001", "2/2", "3.0000", "n/a", "3.0000", "4k", "1.00x", "8.0 s"]
+    assert rows["lion"][:10] == ["lion", "0.0001", "1/2", "2.9000", "n/a", "2.9000", "3k", "1.33x", "6.0 s", "1.33x"]
+    assert rows["lion"][10:] == ["400", "2.00 MiB", "4", "1k"]
     bad_section = text.split("## Failed / diverged / incomplete runs")[1].split("## All runs")[0]
     assert "| 3 | lion | 0.0003 | diverged | non-finite train loss (nan) from step 30 on |" in bad_section
     assert "| 4 | muon | 0.02 | failed | CUDA error: out of memory |" in bad_section
@@ -346,6 +347,7 @@ def test_wandb_logging_uses_the_runs_mode_and_one_group_per_sweep(sweep, monkeyp
     assert sorted(k for k in data if k.startswith("plots/")) == [
         "plots/best_lr_curves", "plots/lr_sensitivity", "plots/val_loss_vs_time", "plots/val_loss_vs_tokens"]
     assert data["best_val_loss_vs_tokens"][1]["keys"] == ["adamw", "lion"]
+    assert {"adamw/final_val_loss", "adamw/final_val_bpb"} <= set(fake._run.summary)
     assert fake.finished == 1
 
 

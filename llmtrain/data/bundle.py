@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import math
+import os
+import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -14,7 +18,7 @@ from llmtrain.data.config import DataConfig
 from llmtrain.data.loader import EpochOrder, PackedLoader, ValBatches, WindowIndex
 from llmtrain.data.prepare import cached_max_token_id, describe_tokenizer, load_meta, prepare
 from llmtrain.data.shards import TokenStream
-from llmtrain.data.tokenizer import check_model_vocab
+from llmtrain.data.tokenizer import TextBytes, check_model_vocab
 from llmtrain.errors import ConfigError, DataError
 
 
@@ -29,10 +33,32 @@ class DataBundle:
     folder: Path
     meta: dict
     max_token_id: int   # the largest id the tokenizer emits (ids can have gaps)
+    _per_byte: dict = field(default_factory=dict, repr=False)
 
     def val_batches(self, n: int) -> list:
         """n validation micro-batches for this rank, identical on every call."""
         return self.val(n)
+
+    def val_tokens_per_byte(self, n: int) -> Optional[float]:
+        """Tokens (EOS included) per UTF-8 byte of the validation text that ``n`` eval micro-batches
+        per rank cover; None when a source's bytes are unknown.
+
+        Each source's whole val split gives its ratio, and sources count by how many of the
+        evaluated windows they supply (ValBatches samples windows of all sources alike), so the
+        loss times this ratio is total nats over the bytes those windows stand for.
+        """
+        if n not in self._per_byte:
+            windows = self.val.windows_per_source(n).tolist()
+            used = [(w, src["splits"]["val"]) for w, src in zip(windows, self.meta["sources"]) if w]
+            known = used and all(split.get("bytes") and split.get("tokens") for _, split in used)
+            self._per_byte[n] = sum(w for w, _ in used) / sum(w * s["bytes"] / s["tokens"] for w, s in used) \
+                if known else None
+        return self._per_byte[n]
+
+    def val_bpb(self, val_loss: float, n: int) -> Optional[float]:
+        """Bits per byte from a mean val loss in nats per token over ``n`` eval micro-batches per rank."""
+        per_byte = self.val_tokens_per_byte(n)
+        return None if per_byte is None else val_loss / math.log(2) * per_byte
 
 
 def _streams(folder: Path, meta: dict, split: str, dtype: np.dtype) -> list[TokenStream]:
@@ -45,6 +71,27 @@ def _streams(folder: Path, meta: dict, split: str, dtype: np.dtype) -> list[Toke
                             f"metadata says {entry['tokens']}; delete {folder} to re-prepare")
         streams.append(stream)
     return streams
+
+
+def _with_val_bytes(folder: Path, meta: dict, streams: list[TokenStream], tokenizer: Tokenizer, write: bool) -> dict:
+    """A cache prepared before meta.json counted bytes: count its val splits' bytes from their
+    tokens (small), and store them so the next run reads them. The train split stays uncounted."""
+    missing = [i for i, src in enumerate(meta["sources"]) if "bytes" not in src["splits"]["val"]]
+    if not missing:
+        return meta
+    count = TextBytes(tokenizer, meta["eos_id"])
+    for i in missing:
+        meta["sources"][i]["splits"]["val"]["bytes"] = sum(count(np.asarray(m)) for m in streams[i].maps)
+    if write:
+        tmp = folder / f".meta.json.{socket.gethostname()}.{os.getpid()}.tmp"
+        try:
+            tmp.write_text(json.dumps(meta, indent=1))
+            os.replace(tmp, folder / "meta.json")  # atomic: a reader sees the old or the new file
+        except OSError:
+            pass  # a read-only cache: counted again by the next run
+        finally:
+            tmp.unlink(missing_ok=True)
+    return meta
 
 
 def _check_val_windows(index: WindowIndex, seq_len: int, val_fraction: float) -> None:
@@ -99,7 +146,9 @@ def build_data(
         train_index, order, seed=data_seed, rank=rank, world_size=world_size,
         micro_batch_size=micro_batch_size, global_batch_size=global_batch_size, num_workers=data_cfg.num_workers,
     )
-    val_index = WindowIndex(_streams(folder, meta, "val", dtype), seq_len)
+    val_streams = _streams(folder, meta, "val", dtype)
+    meta = _with_val_bytes(folder, meta, val_streams, tokenizer, write=rank == 0)
+    val_index = WindowIndex(val_streams, seq_len)
     if evals and data_cfg.val_fraction > 0:
         _check_val_windows(val_index, seq_len, data_cfg.val_fraction)
     val = ValBatches(val_index, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size, seq_len=seq_len)

@@ -277,6 +277,14 @@ class ValBatches:
         # A fixed seed, not train.seed: runs with different seeds are evaluated on the same windows.
         self.order = np.random.default_rng(0).permutation(index.total) if index.total else None
 
+    def windows_per_source(self, n: int) -> np.ndarray:
+        """How many windows of each source ``n`` calls hand out, summed over all ranks."""
+        if self.order is None:
+            return np.zeros(len(self.index.counts), dtype=np.int64)
+        positions = np.arange(n * self.world_size * self.micro_batch_size) % len(self.order)
+        sources = np.searchsorted(self.index.offsets, self.order[positions], side="right") - 1
+        return np.bincount(sources, minlength=len(self.index.counts))
+
     def __call__(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if self.order is None:
             raise DataError("data.val_fraction", f"the validation split has no window of {self.seq_len + 1} tokens; "

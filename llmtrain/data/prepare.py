@@ -11,6 +11,10 @@ Validation split: by document, per source. With fraction f, document i goes to v
 ceil((i+1)·f) > ceil(i·f): evenly spread, deterministic, decided while streaming, and at least one
 document when f > 0. A source with a single document instead holds out its last f of tokens.
 
+Bytes: each split records the UTF-8 bytes of the text routed to it (``bytes`` in meta.json), for
+bits per byte. EOS tokens stand for no text. The held-out tail of a single document is counted
+from its tokens (``TextBytes``: exact for a byte-level BPE), the train part takes the rest.
+
     llmtrain-data data=shakespeare data.vocab_size=2048
     python -m llmtrain.data.prepare data.sources='[{path: corpus/*.jsonl, text_field: content}]'
 """
@@ -42,7 +46,7 @@ from llmtrain.data.config import DataConfig
 from llmtrain.data.shards import ShardWriter, token_dtype
 from llmtrain.data.sources import BadUtf8, SourceSpec, file_type, iter_documents, resolve_sources
 from llmtrain.data.tokenizer import (
-    SPECIAL_TOKENS, check_model_vocab, eos_id_of, is_hub_name, load_external, max_token_id, train_bpe,
+    SPECIAL_TOKENS, TextBytes, check_model_vocab, eos_id_of, is_hub_name, load_external, max_token_id, train_bpe,
 )
 from llmtrain.errors import ConfigError, DataError, UserError
 
@@ -211,14 +215,16 @@ def _init_worker(tokenizer_json: str, eos_id: int, pool_worker: bool = True) -> 
     _WORKER["eos"] = eos_id
 
 
-def _encode(batch: tuple[list[int], list[str]]) -> tuple[list[int], np.ndarray, np.ndarray]:
-    """Token ids of a batch of documents, each followed by EOS, as one flat array plus lengths."""
+def _encode(batch: tuple[list[int], list[str]]) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
+    """Token ids of a batch of documents, each followed by EOS, as one flat array plus lengths,
+    and each document's UTF-8 bytes."""
     source_ids, texts = batch
     ids = [e.ids for e in _WORKER["tok"].encode_batch_fast(texts, add_special_tokens=False)]
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     body = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum()))
     flat = np.insert(body, np.cumsum(lengths), _WORKER["eos"])  # EOS after every document
-    return source_ids, flat, lengths + 1
+    nbytes = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.int64, count=len(texts))
+    return source_ids, flat, lengths + 1, nbytes
 
 
 def _read_ahead(batches: Iterator, depth: int = 2) -> Iterator:
@@ -269,29 +275,34 @@ class _SourceSplitter:
         self.train = ShardWriter(folder, f"s{index}.train", dtype, cfg.shard_tokens, **kw)
         self.val = ShardWriter(folder, f"s{index}.val", dtype, cfg.shard_tokens, **kw)
         self.docs = {"train": 0, "val": 0}
+        self.bytes = {"train": 0, "val": 0}
         self.seen = 0
-        self.first: Optional[np.ndarray] = None  # held back until we know the source has a second document
+        self.first: Optional[tuple[np.ndarray, int]] = None  # held back until the source has a second document
 
-    def add(self, tokens: np.ndarray) -> None:
+    def add(self, tokens: np.ndarray, nbytes: int) -> None:
         index, self.seen = self.seen, self.seen + 1
         if index == 0 and self.fraction > 0:
-            self.first = tokens.copy()
+            self.first = (tokens.copy(), int(nbytes))
             return
         if index == 1 and self.first is not None:
-            self._put(self.first, val=True)
+            self._put(*self.first, val=True)
             self.first = None
-        self._put(tokens, val=is_val_doc(index, self.fraction))
+        self._put(tokens, nbytes, val=is_val_doc(index, self.fraction))
 
-    def _put(self, tokens: np.ndarray, val: bool) -> None:
+    def _put(self, tokens: np.ndarray, nbytes: int, val: bool) -> None:
         (self.val if val else self.train).write(tokens)
         self.docs["val" if val else "train"] += 1
+        self.bytes["val" if val else "train"] += int(nbytes)
 
-    def close(self) -> None:
+    def close(self, text_bytes: TextBytes) -> None:
         if self.first is not None:  # a single-document source: hold out its tail instead
-            n_val = max(1, math.ceil(len(self.first) * self.fraction))
-            self.train.write(self.first[:-n_val])
-            self.val.write(self.first[-n_val:])
+            tokens, nbytes = self.first
+            n_val = max(1, math.ceil(len(tokens) * self.fraction))
+            self.train.write(tokens[:-n_val])
+            self.val.write(tokens[-n_val:])
             self.docs = {"train": 1, "val": 1}
+            val_bytes = min(nbytes, text_bytes(tokens[-n_val:]))
+            self.bytes = {"train": nbytes - val_bytes, "val": val_bytes}
             self.first = None
         self.train.close()
         self.val.close()
@@ -367,16 +378,17 @@ def _build(cfg: DataConfig, specs: list[SourceSpec], external, key: str, folder:
         else:
             _init_worker(tok.to_str(), eos_id, pool_worker=False)  # tokenizers uses its own threads
             results = map(_encode, _read_ahead(batches))
-        for source_ids, flat, lengths in results:
+        for source_ids, flat, lengths, nbytes in results:
             ends = np.cumsum(lengths)
-            for si, end, n in zip(source_ids, ends, lengths):
-                splitters[si].add(flat[end - n:end])
+            for si, end, n, b in zip(source_ids, ends, lengths, nbytes):
+                splitters[si].add(flat[end - n:end], b)
             bar.update(len(flat), work=batch_chars.popleft())
     bar.close()
     if reader_error:
         raise reader_error[0]
+    text_bytes = TextBytes(tok, eos_id)
     for s in splitters:
-        s.close()
+        s.close(text_bytes)
     elapsed = time.perf_counter() - started
 
     for spec, s in zip(specs, splitters):
@@ -402,7 +414,7 @@ def _build(cfg: DataConfig, specs: list[SourceSpec], external, key: str, folder:
             {
                 "path": spec.path, "type": spec.type, "fingerprint": spec.fingerprint(),
                 "splits": {
-                    split: {"documents": s.docs[split], "tokens": w.total, "shards": w.shards}
+                    split: {"documents": s.docs[split], "tokens": w.total, "bytes": s.bytes[split], "shards": w.shards}
                     for split, w in (("train", s.train), ("val", s.val))
                 },
             }

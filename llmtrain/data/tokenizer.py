@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Optional
 
+import numpy as np
 from tokenizers import Tokenizer
 
 from llmtrain.errors import ConfigError, DataError
@@ -46,6 +47,54 @@ def train_bpe(texts: Iterable[str], vocab_size: int, show_progress: bool = False
 def max_token_id(tok: Tokenizer) -> int:
     """The largest id ``tok`` can emit; it can exceed ``get_vocab_size() - 1`` when the ids have gaps."""
     return max(tok.get_vocab(with_added_tokens=True).values(), default=0)
+
+
+class TextBytes:
+    """``counter(ids) -> int``: UTF-8 bytes of the text that token ids stand for (EOS and other
+    special tokens stand for none).
+
+    Exact for a byte-level BPE, where each character of a token string is one byte: also for a
+    run of ids cut inside a multi-byte character, which decoding would turn into U+FFFD. Other
+    tokenizers are decoded one document (EOS to EOS) at a time, exact up to such a cut.
+    """
+
+    CHUNK = 1 << 22
+
+    def __init__(self, tok: Tokenizer, eos_id: int):
+        self.tok, self.eos_id = tok, eos_id
+        self._table: Optional[np.ndarray] = None
+        self._looked = False
+
+    def __call__(self, ids: np.ndarray) -> int:
+        if not self._looked:
+            self._table, self._looked = byte_level_lengths(self.tok), True
+        if self._table is not None:
+            self._table[self.eos_id] = 0
+            return sum(int(self._table[ids[i:i + self.CHUNK]].sum()) for i in range(0, len(ids), self.CHUNK))
+        pieces = np.split(ids, np.flatnonzero(ids == self.eos_id))
+        docs = [pieces[0].tolist()] + [p[1:].tolist() for p in pieces[1:]]
+        total = 0
+        for i in range(0, len(docs), 1024):
+            total += sum(len(text.encode("utf-8")) for text in self.tok.decode_batch(docs[i:i + 1024]))
+        return total
+
+
+def byte_level_lengths(tok: Tokenizer) -> Optional[np.ndarray]:
+    """Bytes per id of a byte-level BPE (0 for special tokens); None for any other tokenizer."""
+    from tokenizers import decoders, pre_tokenizers
+
+    if not isinstance(tok.decoder, decoders.ByteLevel):
+        return None
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    vocab = tok.get_vocab(with_added_tokens=False)
+    if not all(alphabet.issuperset(token) for token in vocab):
+        return None
+    table = np.zeros(max_token_id(tok) + 1, dtype=np.int64)
+    for token, i in vocab.items():
+        table[i] = len(token)
+    for i, added in tok.get_added_tokens_decoder().items():  # matched in the raw text, not byte-mapped
+        table[i] = 0 if added.special else len(added.content.encode("utf-8"))
+    return table
 
 
 def check_model_vocab(model_vocab_size: int, pad_to_multiple_of: int, max_id: int, tokenizer: str) -> None:
