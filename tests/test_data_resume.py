@@ -6,6 +6,9 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
+
+from llmtrain.data.shards import ShardWriter
 from llmtrain.data.sources import BadUtf8, iter_documents
 
 WORDS = "king queen lord lady sword crown night day love death thou thee hath speak é ñ 王 — ! ? , .".split()
@@ -73,3 +76,30 @@ def test_skipping_documents_matches_reading_and_dropping_them(tmp_path):
     counted = BadUtf8("skip")
     list(iter_documents(jsonl, counted, skip=9))  # the first bad line lies among the skipped, the second after
     assert counted.skipped == 1
+
+
+def test_shard_restore_cuts_back_what_was_written_after_the_state(tmp_path):
+    tokens = np.arange(1000, dtype=np.uint32) % 300
+    whole = ShardWriter(tmp_path, "whole", np.dtype(np.uint16), 128, source="s", max_id=300)
+    whole.write(tokens)
+    whole.close()
+
+    first = ShardWriter(tmp_path, "part", np.dtype(np.uint16), 128, source="s", max_id=300)
+    first.write(tokens[:300])
+    first.sync()
+    state = first.state()
+    assert [s["tokens"] for s in state["shards"]] == [128, 128, 44]
+    first.write(tokens[300:700])  # written after the state, then the process dies
+    first._flush()
+    first._fh.flush()
+    assert len(list(tmp_path.glob("part.*.bin"))) == 6
+
+    second = ShardWriter(tmp_path, "part", np.dtype(np.uint16), 128, source="s", max_id=300)
+    second.restore(json.loads(json.dumps(state)))
+    assert (tmp_path / "part.00002.bin").stat().st_size == 44 * 2
+    assert len(list(tmp_path.glob("part.*.bin"))) == 3
+    second.write(tokens[300:])
+    second.close()
+    assert second.shards == [{"file": s["file"].replace("whole", "part"), "tokens": s["tokens"]} for s in whole.shards]
+    for i in range(len(whole.shards)):
+        assert (tmp_path / f"part.{i:05d}.bin").read_bytes() == (tmp_path / f"whole.{i:05d}.bin").read_bytes()
