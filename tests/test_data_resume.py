@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from llmtrain.data.shards import ShardWriter
 from llmtrain.data.sources import BadUtf8, iter_documents
+from llmtrain.data.tokenizer import eos_id_of, train_bpe
+from llmtrain.data.workers import EncoderPool, encode, init_worker
+from llmtrain.errors import DataError
 
 WORDS = "king queen lord lady sword crown night day love death thou thee hath speak é ñ 王 — ! ? , .".split()
 
@@ -103,3 +109,33 @@ def test_shard_restore_cuts_back_what_was_written_after_the_state(tmp_path):
     assert second.shards == [{"file": s["file"].replace("whole", "part"), "tokens": s["tokens"]} for s in whole.shards]
     for i in range(len(whole.shards)):
         assert (tmp_path / f"part.{i:05d}.bin").read_bytes() == (tmp_path / f"whole.{i:05d}.bin").read_bytes()
+
+
+def test_encoder_pool_keeps_the_order_and_stops_at_once(tmp_path):
+    tok = train_bpe(make_docs(50, seed=4), 300)
+    eos = eos_id_of(tok, "tokenizer")
+    batches = [([0] * 3, make_docs(3, seed=10 + i, words=(1, 2000))) for i in range(12)]
+
+    def reader():
+        yield from batches
+        raise DataError("corpus.jsonl:99", "invalid JSON")
+
+    init_worker(tok.to_str(), eos)
+    expected = [encode(b) for b in batches]
+    got = []
+    with pytest.raises(DataError, match="corpus.jsonl:99"):
+        with EncoderPool(3, tok.to_str(), eos) as pool:
+            for result in pool.imap(reader()):
+                got.append(result)
+    assert len(got) == len(expected)
+    for (_, a, la), (_, b, lb) in zip(got, expected):
+        assert a.tolist() == b.tolist() and la.tolist() == lb.tolist()
+
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):  # an interrupt while batches are in flight: nothing waits on them
+        with EncoderPool(2, tok.to_str(), eos) as pool:
+            results = pool.imap(itertools.cycle(batches))
+            next(results)
+            raise KeyboardInterrupt
+    assert time.monotonic() - started < 10
+    assert all(p.exitcode is not None for p in pool.procs)

@@ -21,16 +21,13 @@ import collections
 import contextlib
 import fcntl
 import hashlib
-import itertools
 import json
 import math
-import multiprocessing as mp
 import os
-import queue
 import re
 import shutil
+import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -44,6 +41,7 @@ from llmtrain.data.sources import BadUtf8, SourceSpec, file_type, iter_documents
 from llmtrain.data.tokenizer import (
     SPECIAL_TOKENS, check_model_vocab, eos_id_of, is_hub_name, load_external, max_token_id, train_bpe,
 )
+from llmtrain.data.workers import EncoderPool, encode, init_worker, read_ahead
 from llmtrain.errors import ConfigError, DataError, UserError
 
 FORMAT_VERSION = 1
@@ -185,50 +183,6 @@ def _sample_for_tokenizer(specs: list[SourceSpec], cfg: DataConfig) -> Iterator[
                 return
 
 
-# --- worker side: one tokenizer per process, built once from its JSON -------------------------
-_WORKER: dict = {}
-
-
-def _init_worker(tokenizer_json: str, eos_id: int, pool_worker: bool = True) -> None:
-    if pool_worker:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism; no nested threads
-    from tokenizers import Tokenizer
-
-    _WORKER["tok"] = Tokenizer.from_str(tokenizer_json)
-    _WORKER["eos"] = eos_id
-
-
-def _encode(batch: tuple[list[int], list[str]]) -> tuple[list[int], np.ndarray, np.ndarray]:
-    """Token ids of a batch of documents, each followed by EOS, as one flat array plus lengths."""
-    source_ids, texts = batch
-    ids = [e.ids for e in _WORKER["tok"].encode_batch_fast(texts, add_special_tokens=False)]
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    body = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum()))
-    flat = np.insert(body, np.cumsum(lengths), _WORKER["eos"])  # EOS after every document
-    return source_ids, flat, lengths + 1
-
-
-def _read_ahead(batches: Iterator, depth: int = 2) -> Iterator:
-    """Run the reader in a thread so file reading and JSON parsing overlap tokenization (which
-    releases the GIL); exceptions are handed over and re-raised here, in order."""
-    q: queue.Queue = queue.Queue(depth)
-    done = object()
-
-    def produce() -> None:
-        try:
-            for item in batches:
-                q.put(item)
-            q.put(done)
-        except BaseException as err:
-            q.put(err)
-
-    threading.Thread(target=produce, daemon=True, name="llmtrain-prepare-reader").start()
-    while (item := q.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
-
-
 def _batches(specs: list[SourceSpec], utf8: BadUtf8) -> Iterator[tuple[list[int], list[str]]]:
     ids: list[int] = []
     texts: list[str] = []
@@ -326,42 +280,28 @@ def _build(cfg: DataConfig, specs: list[SourceSpec], external, key: str, folder:
     total_chars = _text_size(specs) if progress else None
     bar = progress_counter(f"tokenizing {cfg.name}", enabled=progress, total_work=total_chars)
     batch_chars: collections.deque = collections.deque()
-    reader_error: list[BaseException] = []
-
-    def guarded(batches: Iterator) -> Iterator:
-        # Pool.imap runs this generator in its feeder thread and would ship an exception to a worker
-        # and back by pickle, which UserError(key, message) does not survive; keep it here instead.
-        try:
-            yield from batches
-        except UserError as err:
-            reader_error.append(err)
-
     with contextlib.ExitStack() as stack:
-        batches = guarded(_counted(_batches(specs, utf8), batch_chars))
+        stack.callback(bar.close)
+        batches = _counted(_batches(specs, utf8), batch_chars)
         if cfg.num_proc > 1:
             # Set before forking: otherwise tokenizers warns in every child that BPE training already
             # used its thread pool. The workers are single-threaded on purpose anyway.
             user_set = "TOKENIZERS_PARALLELISM" in os.environ
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            try:  # Pool forks its workers here, with the variable in their environment
-                pool = stack.enter_context(
-                    mp.get_context("fork").Pool(cfg.num_proc, _init_worker, (tok.to_str(), eos_id))
-                )
+            try:  # the workers are forked here, with the variable in their environment
+                pool = stack.enter_context(EncoderPool(cfg.num_proc, tok.to_str(), eos_id))
             finally:
                 if not user_set:
                     os.environ.pop("TOKENIZERS_PARALLELISM", None)
-            results = pool.imap(_encode, batches)
+            results = pool.imap(batches)
         else:
-            _init_worker(tok.to_str(), eos_id, pool_worker=False)  # tokenizers uses its own threads
-            results = map(_encode, _read_ahead(batches))
+            init_worker(tok.to_str(), eos_id)  # tokenizers uses its own threads
+            results = map(encode, read_ahead(batches))
         for source_ids, flat, lengths in results:
             ends = np.cumsum(lengths)
             for si, end, n in zip(source_ids, ends, lengths):
                 splitters[si].add(flat[end - n:end])
             bar.update(len(flat), work=batch_chars.popleft())
-    bar.close()
-    if reader_error:
-        raise reader_error[0]
     for s in splitters:
         s.close()
     elapsed = time.perf_counter() - started
@@ -428,6 +368,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        print("llmtrain: interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     train = sum(s["splits"]["train"]["tokens"] for s in meta["sources"])
     val = sum(s["splits"]["val"]["tokens"] for s in meta["sources"])
     print(f"{folder}: {train:,} train + {val:,} val tokens, vocab {meta['vocab_size']} (ids up to {max_id}), "
