@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generator, Iterator, Optional
 
-from llmtrain.errors import ConfigError, DataError, choices
+from llmtrain.errors import ConfigError, DataError, UnreachableError, choices
 
 EXTENSIONS = {".txt": "txt", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 TYPES = ("txt", "jsonl", "json", "parquet", "arrow", "hf", "hf_disk", "shakespeare")
@@ -273,7 +273,7 @@ def _iter_hf(spec: SourceSpec, skip: int = 0) -> Iterator[str]:
     from llmtrain.data.hub import hub_reachable
 
     if not Path(spec.path).expanduser().exists() and not hub_reachable():
-        raise DataError(spec.path, "cannot stream Hugging Face dataset: the hub is unreachable (offline?)")
+        raise UnreachableError(spec.path, "cannot stream Hugging Face dataset: the hub is unreachable (offline?)")
     try:
         import datasets
 
@@ -285,7 +285,7 @@ def _iter_hf(spec: SourceSpec, skip: int = 0) -> Iterator[str]:
         raise
     except Exception as err:  # network, unknown dataset, bad split: all one user-facing line
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise DataError(spec.path, f"cannot stream Hugging Face dataset ({first}); is the hub reachable?") from None
+        raise UnreachableError(spec.path, f"cannot stream Hugging Face dataset ({first}); is the hub reachable?") from None
 
 
 def _iter_saved(spec: SourceSpec, skip: int = 0) -> Iterator[str]:
