@@ -75,17 +75,20 @@ class ProgressLines:
 
     ``update(n, work)`` counts ``n`` units (tokens) and ``work`` toward ``total_work`` (any measure of
     how far along the input is, e.g. characters read of a known corpus size); without a total the
-    lines show counts and rates only.
+    lines show counts and rates only. ``initial`` and ``initial_work`` are where a resumed job
+    starts: counted in the totals, not in the rates.
     """
 
     def __init__(self, desc: str, *, unit: str = "tok", total_work: Optional[float] = None, every_s: float = 10.0,
-                 file: Optional[TextIO] = None, clock: Callable[[], float] = time.monotonic):
+                 file: Optional[TextIO] = None, clock: Callable[[], float] = time.monotonic,
+                 initial: int = 0, initial_work: float = 0.0):
         self.desc, self.unit, self.total_work, self.every_s = desc, unit, total_work, every_s
         self.file = file
         self.clock = clock
-        self.count, self.work = 0, 0.0
+        self.initial = initial
+        self.count, self.work = initial, initial_work
         self.started = self.last_time = clock()
-        self.last_count, self.last_work = 0, 0.0
+        self.last_count, self.last_work = initial, initial_work
         self.closed = False
 
     def _print(self, text: str) -> None:
@@ -113,17 +116,19 @@ class ProgressLines:
             return
         self.closed = True
         elapsed = max(self.clock() - self.started, 1e-9)
-        self._print(f"{self.desc}: {format_count(self.count)} {self.unit} in {elapsed:.1f}s "
-                    f"({format_count(self.count / elapsed)} {self.unit}/s)")
+        done = self.count - self.initial
+        resumed = f" ({format_count(done)} this run)" if self.initial else ""
+        self._print(f"{self.desc}: {format_count(self.count)} {self.unit}{resumed} in {elapsed:.1f}s "
+                    f"({format_count(done / elapsed)} {self.unit}/s)")
 
 
 class _Bar:
     """A tqdm counter with the ``ProgressLines`` interface (``work`` is not shown on the bar)."""
 
-    def __init__(self, desc: str, unit: str):
+    def __init__(self, desc: str, unit: str, initial: int = 0):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(desc=desc, unit=unit, unit_scale=True, file=sys.stderr)
+        self.bar = tqdm(desc=desc, unit=unit, unit_scale=True, file=sys.stderr, initial=initial)
 
     def update(self, n: int, work: float = 0.0) -> None:
         self.bar.update(n)
@@ -140,10 +145,11 @@ class _Silent:
         pass
 
 
-def progress_counter(desc: str, *, enabled: bool, unit: str = "tok", total_work: Optional[float] = None):
+def progress_counter(desc: str, *, enabled: bool, unit: str = "tok", total_work: Optional[float] = None,
+                     initial: int = 0, initial_work: float = 0.0):
     """A bar on a terminal, periodic plain lines otherwise, nothing when not ``enabled``."""
     if not enabled:
         return _Silent()
     if is_terminal():
-        return _Bar(desc, unit)
-    return ProgressLines(desc, unit=unit, total_work=total_work)
+        return _Bar(desc, unit, initial)
+    return ProgressLines(desc, unit=unit, total_work=total_work, initial=initial, initial_work=initial_work)

@@ -30,6 +30,11 @@ class DataError(UserError):
     """A data file is missing, empty, malformed or does not match its metadata."""
 
 
+class UnreachableError(DataError):
+    """A remote source (the Hugging Face hub) could not be read; the same command may work later,
+    so a partial data preparation is kept for it."""
+
+
 class CheckpointError(UserError):
     """A checkpoint file is missing, truncated, fails its hash, or holds content that is refused
     (anything that could run code when loaded). ``resume=auto`` sets such a checkpoint aside."""

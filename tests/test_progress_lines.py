@@ -143,6 +143,20 @@ def test_periodic_lines_are_rate_limited_with_tokens_per_s_and_eta():
     assert unknown.file.getvalue().strip() == "x: 3K tok | 1.5K tok/s"
 
 
+def test_resumed_lines_start_at_the_earlier_position():
+    clock, out = FakeClock(), io.StringIO()
+    lines = ProgressLines("x", total_work=1000.0, every_s=10.0, file=out, clock=clock, initial=40_000,
+                          initial_work=500.0)
+    clock.t += 10
+    lines.update(10_000, work=100.0)  # the rate is this run's; the share done counts the earlier run
+    clock.t += 2
+    lines.close()
+    assert out.getvalue().splitlines() == [
+        "x: 50K tok | 1K tok/s | 60% | eta 40s",
+        "x: 50K tok (10K this run) in 12.0s (833 tok/s)",
+    ]
+
+
 @pytest.mark.slow
 def test_piped_run_prints_plain_lines_without_carriage_returns(corpus, tmp_path):
     cache = tmp_path / "cache"  # fresh: the trainer prepares the data, so that progress is in the output too

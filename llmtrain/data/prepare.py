@@ -5,7 +5,8 @@ and split ``s<i>.<split>.<n>.bin`` token shards, each document followed by EOS. 
 sources (paths, sizes, mtimes; dataset names), the tokenizer settings and the split settings, so
 an unchanged config is a cache hit (no reading, no tokenizing) and any edited input re-prepares.
 The folder is built under a temporary name and renamed when complete, under a file lock, so
-concurrent ranks prepare once and a crash never leaves a half-written cache.
+concurrent ranks prepare once and a crash never leaves a half-written cache; a killed build
+continues where it got to when run again (llmtrain/data/journal.py).
 
 Validation split: by document, per source. With fraction f, document i goes to validation when
 ceil((i+1)·f) > ceil(i·f): evenly spread, deterministic, decided while streaming, and at least one
@@ -25,16 +26,13 @@ import collections
 import contextlib
 import fcntl
 import hashlib
-import itertools
 import json
 import math
-import multiprocessing as mp
 import os
-import queue
 import re
 import shutil
+import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -43,12 +41,14 @@ import numpy as np
 
 from llmtrain.console import is_terminal, progress_counter
 from llmtrain.data.config import DataConfig
-from llmtrain.data.shards import ShardWriter, token_dtype
+from llmtrain.data.journal import Journal, Position, Resume, partial_folder
+from llmtrain.data.shards import ShardStateError, ShardWriter, token_dtype
 from llmtrain.data.sources import BadUtf8, SourceSpec, file_type, iter_documents, resolve_sources
 from llmtrain.data.tokenizer import (
     SPECIAL_TOKENS, TextBytes, check_model_vocab, eos_id_of, is_hub_name, load_external, max_token_id, train_bpe,
 )
-from llmtrain.errors import ConfigError, DataError, UserError
+from llmtrain.data.workers import EncoderPool, encode, init_worker, read_ahead
+from llmtrain.errors import ConfigError, DataError, UnreachableError, UserError
 
 FORMAT_VERSION = 1
 BATCH_CHARS = 1 << 20  # documents are sent to workers in ~1 MB batches
@@ -102,19 +102,21 @@ def prepare(cfg: DataConfig, progress: Optional[bool] = None, *, model_vocab_siz
             if not wrapped:
                 return _checked(final, cfg, model_vocab_size)
             print(f"llmtrain: {final} {wrapped}; preparing it again", file=sys.stderr)
-        for stale in cache_dir.glob(f".tmp-{stem}-*"):  # left by a killed run; we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = cache_dir / f".tmp-{stem}-{os.getpid()}"
-        tmp.mkdir()
+        tmp, resume = partial_folder(cache_dir, stem, key)
         try:
-            if external is None and cfg.tokenizer != "bpe":
+            if external is None and cfg.tokenizer != "bpe" and resume is None:
                 external = load_external(cfg.tokenizer)
-            _build(cfg, specs, external, key, tmp, cfg.progress if progress is None else progress, model_vocab_size)
-            if final.exists():  # a damaged folder without meta.json, or one with wrapped ids: replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _build(cfg, specs, external, key, tmp, cfg.progress if progress is None else progress, model_vocab_size,
+                   resume)
+        except UserError as err:
+            # Kept for a rerun (as after a kill, an interrupt or a full disk) unless the input or a data.*
+            # setting is at fault: fixing those changes the key, so this folder would never be resumed.
+            if (isinstance(err, DataError) and not isinstance(err, UnreachableError)) or err.key.startswith("data."):
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if final.exists():  # a damaged folder without meta.json, or one with wrapped ids: replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
     return final
 
 
@@ -202,68 +204,26 @@ def _sample_for_tokenizer(specs: list[SourceSpec], cfg: DataConfig) -> Iterator[
                 return
 
 
-# --- worker side: one tokenizer per process, built once from its JSON -------------------------
-_WORKER: dict = {}
-
-
-def _init_worker(tokenizer_json: str, eos_id: int, pool_worker: bool = True) -> None:
-    if pool_worker:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism; no nested threads
-    from tokenizers import Tokenizer
-
-    _WORKER["tok"] = Tokenizer.from_str(tokenizer_json)
-    _WORKER["eos"] = eos_id
-
-
-def _encode(batch: tuple[list[int], list[str]]) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
-    """Token ids of a batch of documents, each followed by EOS, as one flat array plus lengths,
-    and each document's UTF-8 bytes."""
-    source_ids, texts = batch
-    ids = [e.ids for e in _WORKER["tok"].encode_batch_fast(texts, add_special_tokens=False)]
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    body = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum()))
-    flat = np.insert(body, np.cumsum(lengths), _WORKER["eos"])  # EOS after every document
-    nbytes = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.int64, count=len(texts))
-    return source_ids, flat, lengths + 1, nbytes
-
-
-def _read_ahead(batches: Iterator, depth: int = 2) -> Iterator:
-    """Run the reader in a thread so file reading and JSON parsing overlap tokenization (which
-    releases the GIL); exceptions are handed over and re-raised here, in order."""
-    q: queue.Queue = queue.Queue(depth)
-    done = object()
-
-    def produce() -> None:
-        try:
-            for item in batches:
-                q.put(item)
-            q.put(done)
-        except BaseException as err:
-            q.put(err)
-
-    threading.Thread(target=produce, daemon=True, name="llmtrain-prepare-reader").start()
-    while (item := q.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
-
-
-def _batches(specs: list[SourceSpec], utf8: BadUtf8) -> Iterator[tuple[list[int], list[str]]]:
+def _batches(specs: list[SourceSpec], utf8: BadUtf8, start: Position) -> Iterator[tuple[list, list, Position]]:
+    """Batches of documents from ``start`` on, each with the input position just after it."""
     ids: list[int] = []
     texts: list[str] = []
-    chars = 0
-    for si, spec in enumerate(specs):
-        for text in iter_documents(spec, utf8):
+    chars, read = 0, start.chars
+    for si in range(start.source, len(specs)):
+        n = start.documents if si == start.source else 0
+        for text in iter_documents(specs[si], utf8, skip=n):
+            n += 1
             if not text:
                 continue
             ids.append(si)
             texts.append(text)
             chars += len(text)
             if chars >= BATCH_CHARS:
-                yield ids, texts
+                read += chars
+                yield ids, texts, Position(si, n, utf8.skipped, utf8.first, read)
                 ids, texts, chars = [], [], 0
     if texts:
-        yield ids, texts
+        yield ids, texts, Position(si, n, utf8.skipped, utf8.first, read + chars)
 
 
 class _SourceSplitter:
@@ -294,6 +254,22 @@ class _SourceSplitter:
         self.docs["val" if val else "train"] += 1
         self.bytes["val" if val else "train"] += int(nbytes)
 
+    def sync(self) -> None:
+        self.train.sync()
+        self.val.sync()
+
+    def state(self) -> dict:
+        """All a resumed build needs to go on exactly as this splitter would (after ``sync``)."""
+        first, first_bytes = self.first if self.first is not None else (None, 0)
+        return {"docs": dict(self.docs), "bytes": dict(self.bytes), "seen": self.seen, "first": first,
+                "first_bytes": first_bytes, "train": self.train.state(), "val": self.val.state()}
+
+    def restore(self, state: dict) -> None:
+        self.docs, self.bytes, self.seen = dict(state["docs"]), dict(state["bytes"]), int(state["seen"])
+        self.first = None if state["first"] is None else (state["first"], int(state["first_bytes"]))
+        self.train.restore(state["train"])
+        self.val.restore(state["val"])
+
     def close(self, text_bytes: TextBytes) -> None:
         if self.first is not None:  # a single-document source: hold out its tail instead
             tokens, nbytes = self.first
@@ -318,15 +294,20 @@ def _text_size(specs: list[SourceSpec]) -> Optional[float]:
     return float(sum(f.stat().st_size for _, f in files)) or None
 
 
-def _counted(batches: Iterator[tuple[list[int], list[str]]], sizes: collections.deque) -> Iterator:
-    """Pass batches through, noting each one's characters for the progress display (taken in order)."""
-    for batch in batches:
-        sizes.append(sum(map(len, batch[1])))
-        yield batch
+def _noted(batches: Iterator[tuple[list[int], list[str], Position]], positions: collections.deque) -> Iterator:
+    """Pass batches on without their positions, which are queued for the main loop to take in order."""
+    for ids, texts, position in batches:
+        positions.append(position)
+        yield ids, texts
 
 
-def _build(cfg: DataConfig, specs: list[SourceSpec], external, key: str, folder: Path, progress: bool,
-           model_vocab_size: Optional[int] = None) -> None:
+def _tokenizer(cfg: DataConfig, specs: list[SourceSpec], external, folder: Path, progress: bool,
+               resume: Optional[Resume]) -> tuple:
+    """(tokenizer, eos id), saved as ``folder/tokenizer.json``; a resumed build reloads that file."""
+    from tokenizers import Tokenizer
+
+    if resume is not None:  # the journalled shards were written with exactly this one: never retrain
+        return Tokenizer.from_file(str(folder / "tokenizer.json")), resume.eos_id
     if external is None:
         if progress:
             print(f"llmtrain: training a {cfg.vocab_size}-token byte-level BPE on up to "
@@ -337,59 +318,84 @@ def _build(cfg: DataConfig, specs: list[SourceSpec], external, key: str, folder:
     else:
         tok, eos_id, _ = external
     tok.save(str(folder / "tokenizer.json"))
+    return tok, eos_id
+
+
+def _restored(cfg: DataConfig, folder: Path, splitters: list[_SourceSplitter], resume: Resume) -> bool:
+    """Bring the splitters to the journalled state; False (and no shards left) if the files disagree."""
+    try:
+        for s, state in zip(splitters, resume.splitters, strict=True):
+            s.restore(state)
+    except (ShardStateError, KeyError, TypeError, ValueError) as why:
+        print(f"llmtrain: the partial shards of {cfg.name} do not match their journal ({why}); "
+              "tokenizing again from the start with the same tokenizer", file=sys.stderr)
+        for path in folder.glob("*.bin"):
+            path.unlink()
+        return False
+    writers = [w for s in splitters for w in (s.train, s.val)]
+    done = sum(shard["tokens"] >= cfg.shard_tokens for w in writers for shard in w.shards)
+    print(f"llmtrain: resuming preparation of {cfg.name} from {sum(w.total for w in writers):,} tokens "
+          f"({done} shards done)", file=sys.stderr)
+    return True
+
+
+def _build(cfg: DataConfig, specs: list[SourceSpec], external, key: str, folder: Path, progress: bool,
+           model_vocab_size: Optional[int] = None, resume: Optional[Resume] = None) -> None:
+    tok, eos_id = _tokenizer(cfg, specs, external, folder, progress, resume)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
-    requested = cfg.vocab_size if external is None else None
+    requested = cfg.vocab_size if cfg.tokenizer == "bpe" else None
     max_id = max(max_token_id(tok), eos_id)  # ids can have gaps: the count does not bound them
+    dtype = token_dtype(max_id)
+
+    def new_splitters() -> list[_SourceSplitter]:
+        return [_SourceSplitter(folder, i, spec, dtype, max_id, cfg) for i, spec in enumerate(specs)]
+
+    journal = Journal(folder, key, eos_id, resume.seconds if resume else 0.0)
+    splitters = new_splitters()
+    if resume is not None and _restored(cfg, folder, splitters, resume):
+        position = resume.position
+    else:
+        splitters, position = new_splitters(), Position()  # a failed restore may have half-filled them
+        journal.save(position, splitters, 0)  # a rerun keeps the tokenizer even if no batch is done
     if model_vocab_size is not None:
         where = describe_tokenizer(requested, vocab_size, cfg.tokenizer)
         check_model_vocab(model_vocab_size, cfg.pad_vocab_to_multiple_of, max_id, where)
-    dtype = token_dtype(max_id)
-    splitters = [_SourceSplitter(folder, i, spec, dtype, max_id, cfg) for i, spec in enumerate(specs)]
+    writers = [w for s in splitters for w in (s.train, s.val)]
     utf8 = BadUtf8(cfg.on_bad_utf8)
-    started = time.perf_counter()
+    utf8.skipped, utf8.first = position.bad_utf8, position.first_bad_utf8
     total_chars = _text_size(specs) if progress else None
-    bar = progress_counter(f"tokenizing {cfg.name}", enabled=progress, total_work=total_chars)
-    batch_chars: collections.deque = collections.deque()
-    reader_error: list[BaseException] = []
-
-    def guarded(batches: Iterator) -> Iterator:
-        # Pool.imap runs this generator in its feeder thread and would ship an exception to a worker
-        # and back by pickle, which UserError(key, message) does not survive; keep it here instead.
-        try:
-            yield from batches
-        except UserError as err:
-            reader_error.append(err)
-
+    bar = progress_counter(f"tokenizing {cfg.name}", enabled=progress, total_work=total_chars,
+                           initial=sum(w.total for w in writers), initial_work=position.chars)
+    positions: collections.deque = collections.deque()
     with contextlib.ExitStack() as stack:
-        batches = guarded(_counted(_batches(specs, utf8), batch_chars))
+        stack.callback(bar.close)
+        batches = _noted(_batches(specs, utf8, position), positions)
         if cfg.num_proc > 1:
             # Set before forking: otherwise tokenizers warns in every child that BPE training already
             # used its thread pool. The workers are single-threaded on purpose anyway.
             user_set = "TOKENIZERS_PARALLELISM" in os.environ
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            try:  # Pool forks its workers here, with the variable in their environment
-                pool = stack.enter_context(
-                    mp.get_context("fork").Pool(cfg.num_proc, _init_worker, (tok.to_str(), eos_id))
-                )
+            try:  # the workers are forked here, with the variable in their environment
+                pool = stack.enter_context(EncoderPool(cfg.num_proc, tok.to_str(), eos_id))
             finally:
                 if not user_set:
                     os.environ.pop("TOKENIZERS_PARALLELISM", None)
-            results = pool.imap(_encode, batches)
+            results = pool.imap(batches)
         else:
-            _init_worker(tok.to_str(), eos_id, pool_worker=False)  # tokenizers uses its own threads
-            results = map(_encode, _read_ahead(batches))
+            init_worker(tok.to_str(), eos_id)  # tokenizers uses its own threads
+            results = map(encode, read_ahead(batches))
         for source_ids, flat, lengths, nbytes in results:
             ends = np.cumsum(lengths)
             for si, end, n, b in zip(source_ids, ends, lengths, nbytes):
                 splitters[si].add(flat[end - n:end], b)
-            bar.update(len(flat), work=batch_chars.popleft())
-    bar.close()
-    if reader_error:
-        raise reader_error[0]
+            reached = positions.popleft()
+            bar.update(len(flat), work=reached.chars - position.chars)
+            position = reached
+            journal.tick(position, splitters, sum(len(w.shards) for w in writers))
     text_bytes = TextBytes(tok, eos_id)
     for s in splitters:
         s.close(text_bytes)
-    elapsed = time.perf_counter() - started
+    elapsed = journal.elapsed()
 
     for spec, s in zip(specs, splitters):
         if s.seen == 0:
@@ -421,6 +427,7 @@ def _build(cfg: DataConfig, specs: list[SourceSpec], external, key: str, folder:
             for spec, s in zip(specs, splitters)
         ],
     }
+    journal.remove()
     # meta.json last: its presence is what marks a prepared folder as complete.
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
 
@@ -453,6 +460,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        print("llmtrain: interrupted; the same command continues the preparation", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     train = sum(s["splits"]["train"]["tokens"] for s in meta["sources"])
     val = sum(s["splits"]["val"]["tokens"] for s in meta["sources"])
     print(f"{folder}: {train:,} train + {val:,} val tokens, vocab {meta['vocab_size']} (ids up to {max_id}), "

@@ -7,6 +7,7 @@ beside them lists every file with its token count; the reader refuses files whos
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +20,16 @@ def token_dtype(max_token_id: int) -> np.dtype:
     return np.dtype(np.uint16) if max_token_id < 2**16 else np.dtype(np.uint32)
 
 
+class ShardStateError(Exception):
+    """Shard files on disk that do not match the writer state meant to continue them."""
+
+
 class ShardWriter:
     """Appends token arrays to ``<prefix>.00000.bin``, ``<prefix>.00001.bin``, ...
 
-    Documents arrive one at a time; they are buffered to ~1M tokens so the file sees few, large writes.
+    Documents arrive one at a time; they are buffered to ~1M tokens (at most a shard) so the file
+    sees few, large writes. A shard is fsynced when it is closed; ``sync``/``state``/``restore``
+    let an interrupted writer continue (see ``llmtrain/data/journal.py``).
     Every ~64K tokens of documents are checked against ``max_id`` (the tokenizer's largest id, which
     ``dtype`` holds) in one pass and only then narrowed to ``dtype``: an id that does not fit is a
     DataError naming ``source``, never a silent wrap-around.
@@ -50,7 +57,7 @@ class ShardWriter:
         self._unchecked_tokens += len(tokens)
         if self._unchecked_tokens >= self.CHECK_TOKENS:
             self._narrow()
-        if self._buffered >= self.BUFFER_TOKENS:
+        if self._buffered >= min(self.BUFFER_TOKENS, self.shard_tokens):
             self._flush()
 
     def _narrow(self) -> None:
@@ -81,19 +88,59 @@ class ShardWriter:
             self.total += take
             tokens = tokens[take:]
 
+    def _name(self, index: int) -> str:
+        return f"{self.prefix}.{index:05d}.bin"
+
     def _roll(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-        name = f"{self.prefix}.{len(self.shards):05d}.bin"
+        self._close_file()
+        name = self._name(len(self.shards))
         self._fh = open(self.folder / name, "wb")
         self._in_current = 0
         self.shards.append({"file": name, "tokens": 0})
 
-    def close(self) -> None:
-        self._flush()
+    def _close_file(self) -> None:
         if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
             self._fh.close()
             self._fh = None
+
+    def sync(self) -> None:
+        """Write every buffered token and fsync the open shard, so ``state()`` describes the disk."""
+        self._flush()
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+
+    def state(self) -> dict:
+        """The shards written so far with their token counts (the last one still open); after ``sync``."""
+        assert not (self._unchecked or self._buffer), "state() of a writer with unsynced tokens"
+        return {"shards": [dict(shard) for shard in self.shards]}
+
+    def restore(self, state: dict) -> None:
+        """Continue after ``state``: its last shard is cut back to the recorded length and later
+        shards are deleted, dropping what was written after that state was taken."""
+        shards = [{"file": str(s["file"]), "tokens": int(s["tokens"])} for s in state["shards"]]
+        for i, shard in enumerate(shards):
+            path = self.folder / shard["file"]
+            want = shard["tokens"] * self.dtype.itemsize
+            size = path.stat().st_size if path.is_file() else -1
+            if shard["file"] != self._name(i) or size < want or (size != want and i < len(shards) - 1):
+                raise ShardStateError(f"{path} has {max(size, 0)} bytes, expected {want}")
+        keep = {shard["file"] for shard in shards}
+        for path in self.folder.glob(f"{self.prefix}.*.bin"):
+            if path.name not in keep:
+                path.unlink()
+        self.shards, self.total = shards, sum(s["tokens"] for s in shards)
+        if shards:
+            path = self.folder / shards[-1]["file"]
+            os.truncate(path, shards[-1]["tokens"] * self.dtype.itemsize)
+            self._fh = open(path, "ab")
+            self._in_current = shards[-1]["tokens"]
+
+    def close(self) -> None:
+        self._flush()
+        self._close_file()
 
 
 class TokenStream:

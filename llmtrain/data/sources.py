@@ -18,9 +18,9 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Generator, Iterator, Optional
 
-from llmtrain.errors import ConfigError, DataError, choices
+from llmtrain.errors import ConfigError, DataError, UnreachableError, choices
 
 EXTENSIONS = {".txt": "txt", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 TYPES = ("txt", "jsonl", "json", "parquet", "arrow", "hf", "hf_disk", "shakespeare")
@@ -164,6 +164,14 @@ class BadUtf8:
             return None
 
 
+def _decode_uncounted(raw: bytes) -> Optional[str]:
+    """For input an interrupted preparation already read: its bad UTF-8 is in the restored counts."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
 def _text_of(record: Any, spec: SourceSpec, where: str) -> str:
     if isinstance(record, str) and spec.type != "hf":
         return record
@@ -177,10 +185,15 @@ def _text_of(record: Any, spec: SourceSpec, where: str) -> str:
     return text
 
 
-def _iter_jsonl(f: Path, spec: SourceSpec, utf8: BadUtf8) -> Iterator[str]:
+def _iter_jsonl(f: Path, spec: SourceSpec, utf8: BadUtf8, skip: int = 0) -> Generator[str, None, int]:
+    """Documents after the first ``skip``; returns how many of ``skip`` are left for the next file."""
     with open(f, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             if not raw.strip():
+                continue
+            if skip:  # consumed by an interrupted preparation: counted, not parsed
+                if _decode_uncounted(raw) is not None:
+                    skip -= 1
                 continue
             where = f"{f}:{lineno}"
             line = utf8.decode(raw, where)
@@ -191,12 +204,14 @@ def _iter_jsonl(f: Path, spec: SourceSpec, utf8: BadUtf8) -> Iterator[str]:
             except json.JSONDecodeError as err:
                 raise DataError(where, f"invalid JSON ({err.msg})") from None
             yield _text_of(record, spec, where)
+    return skip
 
 
-def _iter_json(f: Path, spec: SourceSpec, utf8: BadUtf8) -> Iterator[str]:
-    text = utf8.decode(f.read_bytes(), str(f))
+def _iter_json(f: Path, spec: SourceSpec, utf8: BadUtf8, skip: int = 0) -> Generator[str, None, int]:
+    raw = f.read_bytes()
+    text = _decode_uncounted(raw) if skip else utf8.decode(raw, str(f))
     if text is None:
-        return
+        return skip
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -205,11 +220,23 @@ def _iter_json(f: Path, spec: SourceSpec, utf8: BadUtf8) -> Iterator[str]:
         data = data["data"]  # the {"data": [...]} layout datasets' to_json(lines=False) can write
     if not isinstance(data, list):
         raise DataError(str(f), "expected a JSON array of records (or {\"data\": [...]})")
-    for idx, record in enumerate(data):
-        yield _text_of(record, spec, f"{f}[{idx}]")
+    for idx in range(skip, len(data)):
+        yield _text_of(data[idx], spec, f"{f}[{idx}]")
+    return max(skip - len(data), 0)
 
 
-def _iter_table(f: Path, kind: str, spec: SourceSpec) -> Iterator[str]:
+def _iter_txt(f: Path, spec: SourceSpec, utf8: BadUtf8, skip: int = 0) -> Generator[str, None, int]:
+    raw = f.read_bytes()
+    text = _decode_uncounted(raw) if skip else utf8.decode(raw, str(f))
+    if text is None:
+        return skip
+    docs = [doc for doc in text.split(spec.doc_separator) if doc.strip()] if spec.doc_separator else [text]
+    yield from docs[skip:]
+    return max(skip - len(docs), 0)
+
+
+def _iter_table(f: Path, kind: str, spec: SourceSpec, skip: int = 0) -> Generator[str, None, int]:
+    """Rows of the text column; skipped rows are counted from the file's metadata, never decoded."""
     import pyarrow as pa
     import pyarrow.ipc as ipc
     import pyarrow.parquet as pq
@@ -219,7 +246,10 @@ def _iter_table(f: Path, kind: str, spec: SourceSpec) -> Iterator[str]:
             pf = pq.ParquetFile(f)
             if spec.text_field not in pf.schema_arrow.names:
                 raise DataError(str(f), f"no column {spec.text_field!r} (columns: {', '.join(pf.schema_arrow.names)}); set text_field")
-            batches = pf.iter_batches(columns=[spec.text_field], batch_size=1024)
+            groups = list(range(pf.num_row_groups))
+            while skip and groups and pf.metadata.row_group(groups[0]).num_rows <= skip:
+                skip -= pf.metadata.row_group(groups.pop(0)).num_rows
+            batches = pf.iter_batches(columns=[spec.text_field], batch_size=1024, row_groups=groups)
         else:
             try:
                 reader = ipc.open_file(f)
@@ -231,36 +261,42 @@ def _iter_table(f: Path, kind: str, spec: SourceSpec) -> Iterator[str]:
             if spec.text_field not in names:
                 raise DataError(str(f), f"no column {spec.text_field!r} (columns: {', '.join(names)}); set text_field")
         for batch in batches:
+            if skip:
+                if skip >= batch.num_rows:
+                    skip -= batch.num_rows
+                    continue
+                batch, skip = batch.slice(skip), 0
             for text in batch.column(batch.schema.get_field_index(spec.text_field)).to_pylist():
                 if text is not None and not isinstance(text, str):
                     raise DataError(str(f), f"column {spec.text_field!r} holds {type(text).__name__}, expected strings")
                 yield text or ""
     except (pa.ArrowInvalid, OSError) as err:
         raise DataError(str(f), f"cannot read as {kind}: {str(err).splitlines()[0]}") from None
+    return skip
 
 
-def _iter_hf(spec: SourceSpec) -> Iterator[str]:
+def _iter_hf(spec: SourceSpec, skip: int = 0) -> Iterator[str]:
     from llmtrain.data.hub import hub_reachable
 
     if not Path(spec.path).expanduser().exists() and not hub_reachable():
-        raise DataError(spec.path, f"cannot stream this Hugging Face dataset: the hub is unreachable (offline?); "
-                        f"point data.sources at a local copy (parquet/jsonl files or a save_to_disk folder), "
-                        f"e.g. data.sources='[{{path: /data/{spec.path.split('/')[-1]}, text_field: {spec.text_field}}}]'")
+        raise UnreachableError(spec.path, f"cannot stream this Hugging Face dataset: the hub is unreachable (offline?); "
+                              f"point data.sources at a local copy (parquet/jsonl files or a save_to_disk folder), "
+                              f"e.g. data.sources='[{{path: /data/{spec.path.split('/')[-1]}, text_field: {spec.text_field}}}]'")
     try:
         import datasets
 
         ds = datasets.load_dataset(spec.path, spec.name, split=spec.split, streaming=True, revision=spec.revision)
-        rows = iter(ds)
-        for idx, row in enumerate(rows):
+        rows = iter(ds.skip(skip) if skip else ds)
+        for idx, row in enumerate(rows, start=skip):
             yield _text_of(row, spec, f"{spec.path}[{idx}]")
     except DataError:
         raise
     except Exception as err:  # network, unknown dataset, bad split: all one user-facing line
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise DataError(spec.path, f"cannot stream Hugging Face dataset ({first}); is the hub reachable?") from None
+        raise UnreachableError(spec.path, f"cannot stream Hugging Face dataset ({first}); is the hub reachable?") from None
 
 
-def _iter_saved(spec: SourceSpec) -> Iterator[str]:
+def _iter_saved(spec: SourceSpec, skip: int = 0) -> Iterator[str]:
     """Rows of a ``save_to_disk`` folder, memory-mapped by ``load_from_disk`` and read in batches."""
     import datasets
 
@@ -276,36 +312,34 @@ def _iter_saved(spec: SourceSpec) -> Iterator[str]:
     if spec.text_field not in ds.column_names:
         raise DataError(spec.path, f"no column {spec.text_field!r} (columns: {', '.join(ds.column_names)}); "
                                    f"set text_field")
-    rows = (text for batch in ds.select_columns([spec.text_field]).with_format(None).iter(batch_size=1024)
-            for text in batch[spec.text_field])
-    for idx, text in enumerate(rows):
+    ds = ds.select_columns([spec.text_field]).with_format(None)
+    if skip:
+        ds = ds.select(range(min(skip, len(ds)), len(ds)))  # a contiguous range: a slice, no index mapping
+    rows = (text for batch in ds.iter(batch_size=1024) for text in batch[spec.text_field])
+    for idx, text in enumerate(rows, start=skip):
         yield _text_of({spec.text_field: text}, spec, f"{spec.path}[{idx}]")
 
 
-def iter_documents(spec: SourceSpec, utf8: BadUtf8) -> Iterator[str]:
-    """Every document of a source, in a fixed order (files sorted, records in file order)."""
+def iter_documents(spec: SourceSpec, utf8: BadUtf8, skip: int = 0) -> Iterator[str]:
+    """Every document of a source, in a fixed order (files sorted, records in file order).
+
+    ``skip``: leave out the first ``skip`` documents, which an interrupted preparation already
+    tokenized: they are counted as cheaply as the format allows (rows from table metadata, lines
+    without JSON parsing) and their bad UTF-8 is not counted again in ``utf8``.
+    """
     def all_docs() -> Iterator[str]:
         if spec.type in ("hf", "hf_disk"):
-            yield from (_iter_hf if spec.type == "hf" else _iter_saved)(spec)
+            yield from (_iter_hf if spec.type == "hf" else _iter_saved)(spec, skip)
             return
+        left = skip
         for f in spec.files:
             kind = file_type(spec, f)
-            if kind == "txt":
-                text = utf8.decode(f.read_bytes(), str(f))
-                if text is None:
-                    continue
-                if spec.doc_separator:
-                    yield from (doc for doc in text.split(spec.doc_separator) if doc.strip())
-                else:
-                    yield text
-            elif kind == "jsonl":
-                yield from _iter_jsonl(f, spec, utf8)
-            elif kind == "json":
-                yield from _iter_json(f, spec, utf8)
+            if kind in ("txt", "jsonl", "json"):
+                left = yield from {"txt": _iter_txt, "jsonl": _iter_jsonl, "json": _iter_json}[kind](f, spec, utf8, left)
             else:
-                yield from _iter_table(f, kind, spec)
+                left = yield from _iter_table(f, kind, spec, left)
 
-    for n, doc in enumerate(all_docs()):
+    for n, doc in enumerate(all_docs(), start=skip):
         if spec.max_documents is not None and n >= spec.max_documents:
             return
         yield doc
