@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from llmtrain.console import print_error
 from llmtrain.errors import ConfigError, UserError, choices
 
 
@@ -193,7 +194,7 @@ def prevalidate(argv: Sequence[str]) -> None:
 
 
 def _fail(err: UserError) -> None:
-    print(f"error: {err}", file=sys.stderr)
+    print_error(err)
     sys.exit(err.exit_code)
 
 
@@ -271,7 +272,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             if not multirun:
                 _fail(err)
             # In a sweep one bad job is recorded and the sweep goes on (the report lists it).
-            print(f"error: {err}", file=sys.stderr)
+            print_error(err)
             _record_failure(cfg_node, str(err))
             return None
         except Exception as err:

@@ -14,6 +14,14 @@ from collections import deque
 from typing import Callable, Optional, TextIO
 
 
+def print_error(err: object) -> None:
+    """``error: ...`` on stderr in one write: every rank of a torchrun job writes to the same pipe,
+    and print()'s separate newline lets two ranks' lines run together. A pipe keeps one write of
+    under PIPE_BUF (4 KiB) bytes whole."""
+    sys.stderr.write(f"error: {err}\n")
+    sys.stderr.flush()
+
+
 def is_terminal(*streams: Optional[TextIO]) -> bool:
     """True when every stream (default: stdout and stderr) is an open terminal."""
     for stream in streams or (sys.stdout, sys.stderr):

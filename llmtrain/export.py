@@ -20,6 +20,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from llmtrain.console import print_error
 from llmtrain.errors import CheckpointError, ConfigError, UserError
 from llmtrain.models import DecoderLM, ModelConfig, build_model, to_model_config
 from llmtrain.models.llama import llama_ffn_hidden
@@ -476,7 +477,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         ckpt = export_run(args.run_dir, args.out_dir)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(err)
         sys.exit(2)
     print(f"exported {ckpt} -> {args.out_dir}")
 

@@ -59,3 +59,24 @@ def test_console_script_is_installed():
     assert exe, "pip install -e . should put llmtrain on PATH"
     result = subprocess.run([exe, "schedule.name=nope"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("error: schedule.name")
+
+
+def test_an_error_line_is_one_write(monkeypatch):
+    """Every rank of a torchrun job prints its refusal to the same pipe; print() writes the message
+    and its newline separately, so two ranks' lines could run together ("...run_direrror: ...")."""
+    from llmtrain.console import print_error
+    from llmtrain.errors import ConfigError
+
+    writes = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+            return len(text)
+
+        def flush(self):
+            writes.append(None)
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    print_error(ConfigError("train.max_steps", "got -1, expected > 0"))
+    assert writes == ["error: train.max_steps: got -1, expected > 0\n", None]

@@ -41,7 +41,7 @@ def test_llama7b_recipe():
     cfg = compose(["+experiment=llama7b_adamw"])
     assert cfg.model.name == "llama2_7b" and cfg.distributed.strategy == "fsdp"
     assert cfg.optim["lr"] == 3e-4 and list(cfg.optim["betas"]) == [0.9, 0.95]
-    assert cfg.optim["eps"] == 1e-8 and cfg.optim["weight_decay"] == 0.1
+    assert cfg.optim["eps"] == 1e-5 and cfg.optim["weight_decay"] == 0.1  # Llama 2 section 2.2 (was 1e-8)
     assert cfg.train.grad_clip == 1.0 and cfg.train.precision == "bf16"
     assert cfg.schedule.name == "cosine" and cfg.schedule.warmup_steps == 2000 and cfg.schedule.min_lr_ratio == 0.1
 

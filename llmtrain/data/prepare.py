@@ -39,7 +39,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from llmtrain.console import is_terminal, progress_counter
+from llmtrain.console import is_terminal, print_error, progress_counter
 from llmtrain.data.config import DataConfig
 from llmtrain.data.journal import Journal, Position, Resume, partial_folder
 from llmtrain.data.shards import ShardStateError, ShardWriter, token_dtype
@@ -458,7 +458,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         meta = load_meta(folder)
         max_id = cached_max_token_id(folder, meta)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(err)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         print("llmtrain: interrupted; the same command continues the preparation", file=sys.stderr)
