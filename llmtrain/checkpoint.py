@@ -444,4 +444,4 @@ def check_entries(state: Any, keys: Iterable[str], path: Path) -> None:
     """A loaded file holds every entry the caller reads (a damaged one is a CheckpointError, not a KeyError)."""
     missing = [k for k in keys if not isinstance(state, dict) or k not in state]
     if missing:
-        raise CheckpointError(str(path), f"damaged: lacks {', '.join(missing)}")
+        raise CheckpointError(str(path), f"damaged: {path.name} lacks {', '.join(missing)}")

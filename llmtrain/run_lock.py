@@ -61,6 +61,9 @@ class RunLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        # No holder record once the run has ended: the next run would report it as a stale holder.
+        # A process that dies keeps its record, which is what the next run should hear about.
+        os.ftruncate(self.fd, 0)
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
         self.fd = None

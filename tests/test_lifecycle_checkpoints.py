@@ -90,7 +90,7 @@ DAMAGE = {
                            "model.pt has 100 bytes"),
     "flipped byte in optim.pt": (lambda c: _flip_byte(c / "optim.pt"), "damaged: hash mismatch in optim.pt"),
     "missing trainer.pt": (lambda c: (c / "trainer.pt").unlink(), "damaged: trainer.pt is missing"),
-    "empty-dict trainer.pt": (lambda c: _rewrite_with_manifest(c, "trainer.pt", {}), "damaged: lacks step"),
+    "empty-dict trainer.pt": (lambda c: _rewrite_with_manifest(c, "trainer.pt", {}), "damaged: trainer.pt lacks step"),
     "garbage model.pt, old marker": (lambda c: ((c / "model.pt").write_bytes(b"garbage" * 99),
                                                (c / "COMPLETE").write_text("step 4\n")), "damaged: not a loadable weights file"),
     "unreadable marker": (lambda c: (c / "COMPLETE").write_text("{not json"), "unreadable COMPLETE marker"),

@@ -64,6 +64,17 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
         lock.release()
 
 
+def test_a_released_lock_leaves_no_holder_to_take_over(tmp_path):
+    """A run that ended cleanly is not a stale holder: the next run says nothing of a take-over."""
+    RunLock.acquire(tmp_path).release()
+    assert (tmp_path / ".lock").read_text() == ""
+    lock = RunLock.acquire(tmp_path)
+    try:
+        assert lock.took_over is None
+    finally:
+        lock.release()
+
+
 def test_another_hosts_lock_counts_while_its_heartbeat_is_fresh(tmp_path):
     """Where a filesystem's flock is node-local, the holder record still keeps a second node out."""
     path = tmp_path / ".lock"
