@@ -289,9 +289,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             _finish(code)  # pre-empted: the rest of the sweep waits for the requeue
         return summary
 
-    sys.argv = [sys.argv[0], *normalize_overrides(argv)]
+    sys.argv = [sys.argv[0], *normalize_overrides(argv), *_hydra_dir_overrides(argv, multirun)]
     _task()
     _finish(max(codes, default=0) if not multirun else max((c for c in codes if c > 128), default=0))
+
+
+def _hydra_dir_overrides(argv: Sequence[str], multirun: bool) -> list[str]:
+    """A single run given ``run_dir=``: Hydra's job directory is that run_dir and it writes no
+    ``.hydra/`` copy there (config.yaml is llmtrain's), so nothing lands in outputs/DATE/TIME of the
+    working directory. A sweep keeps Hydra's per-job folders: llmtrain-report reads their .hydra/."""
+    given_run_dir = any(a.startswith("run_dir=") for a in argv)
+    own_hydra_dirs = any(a.startswith(("hydra.run.dir=", "hydra.output_subdir=")) for a in argv)
+    if multirun or not given_run_dir or own_hydra_dirs:
+        return []
+    return ["hydra.run.dir=${run_dir}", "hydra.output_subdir=null"]
 
 
 def _finish(code: int) -> None:

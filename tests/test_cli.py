@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, tiny_overrides
+from conftest import REPO, tiny_overrides, torchrun_env
 
 
 # A stand-in ``wandb`` package for subprocesses: it records init's arguments beside the run.
@@ -80,3 +80,16 @@ def test_an_error_line_is_one_write(monkeypatch):
     monkeypatch.setattr(sys, "stderr", Recorder())
     print_error(ConfigError("train.max_steps", "got -1, expected > 0"))
     assert writes == ["error: train.max_steps: got -1, expected > 0\n", None]
+
+
+def test_a_run_with_run_dir_leaves_nothing_in_the_working_directory(corpus, data_cache, tmp_path):
+    """With run_dir set, Hydra's own outputs/DATE/TIME/.hydra folder was still made in the working
+    directory on every invocation, refused starts included."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "llmtrain", *tiny_overrides(corpus, data_cache, run, **{"train.max_steps": 2})]
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=torchrun_env())
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (run / "summary.json").is_file() and not (run / ".hydra").exists()
+    assert list(cwd.iterdir()) == []
