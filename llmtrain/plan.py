@@ -229,14 +229,13 @@ def plan(cfg: RootConfig, world_size: Optional[int] = None) -> dict[str, Any]:
 
 def token_budget(cfg: RootConfig) -> tuple[Optional[dict[str, Any]], Optional[str]]:
     """Planned tokens against the training split (llmtrain/data/budget.py), and why it is unknown if so."""
-    from llmtrain.data.budget import corpus_size, epochs, planned_tokens, source_weights
+    from llmtrain.data.budget import corpus_size, run_budget
 
     size, why = corpus_size(cfg.data)
     if size is None:
         return None, why
     t = cfg.train
-    return epochs(planned_tokens(t.max_steps, t.global_batch_size, t.seq_len), size,
-                  source_weights(list(cfg.data.sources))), None
+    return run_budget(t.max_steps, t.global_batch_size, t.seq_len, list(cfg.data.sources), size), None
 
 
 def _gib(n: float) -> str:

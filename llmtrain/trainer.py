@@ -86,7 +86,7 @@ class Trainer:
 
     def _build(self) -> None:
         from llmtrain.data import build_data, check_vocab
-        from llmtrain.data.budget import epochs, epochs_warning, planned_tokens, prepared_size, source_weights
+        from llmtrain.data.budget import epochs_warning, prepared_size, run_budget
         from llmtrain.models import build_model
         from llmtrain.optim import build_optimizer
 
@@ -109,8 +109,8 @@ class Trainer:
                                micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
                                evals=t.eval_every > 0)
         cfg.model.vocab_size = check_vocab(cfg.model.vocab_size, self.data, cfg.data.pad_vocab_to_multiple_of)
-        self.token_budget = epochs(planned_tokens(t.max_steps, t.global_batch_size, t.seq_len),
-                                   prepared_size(self.data.meta), source_weights(list(cfg.data.sources)))
+        self.token_budget = run_budget(t.max_steps, t.global_batch_size, t.seq_len, list(cfg.data.sources),
+                                       prepared_size(self.data.meta))
         notes += [w for w in (epochs_warning(self.token_budget),) if w]
         self.config = OmegaConf.to_container(OmegaConf.structured(cfg))  # what runs, as config.yaml records it
 

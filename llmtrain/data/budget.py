@@ -87,6 +87,12 @@ def source_weights(sources: list) -> Optional[list[float]]:
     return [1.0 if w is None else float(w) for w in raw]
 
 
+def run_budget(max_steps: int, global_batch_size: int, seq_len: int, sources: list,
+               size: CorpusSize) -> dict[str, Any]:
+    """``epochs`` for a run of these train settings over ``data.sources`` of this size."""
+    return epochs(planned_tokens(max_steps, global_batch_size, seq_len), size, source_weights(sources))
+
+
 def epochs_warning(budget: dict[str, Any]) -> Optional[str]:
     """One line when some source would be seen more than EPOCHS_WARNING times."""
     known = {name: e for name, e in budget["epochs_per_source"].items() if e is not None}

@@ -68,8 +68,9 @@ class TextBytes:
     def __call__(self, ids: np.ndarray) -> int:
         if not self._looked:
             self._table, self._looked = byte_level_lengths(self.tok), True
+            if self._table is not None:
+                self._table[self.eos_id] = 0  # EOS stands for no text, even where it is no special token
         if self._table is not None:
-            self._table[self.eos_id] = 0
             return sum(int(self._table[ids[i:i + self.CHUNK]].sum()) for i in range(0, len(ids), self.CHUNK))
         pieces = np.split(ids, np.flatnonzero(ids == self.eos_id))
         docs = [pieces[0].tolist()] + [p[1:].tolist() for p in pieces[1:]]
